@@ -1,0 +1,107 @@
+"""dicom-proxy sub-commands. Exit codes: 0 ok, 1 invalid input or failure, 2 usage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from proxy import __version__
+from proxy.errors import ConfigError, ConfigErrors, ProxyError
+
+log = logging.getLogger("proxy")
+
+
+def _print_config_errors(exc: ConfigErrors | ConfigError) -> None:
+    errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
+    for err in errors:
+        print(err.render(with_caret=True), file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from proxy import logsetup, server
+
+    logsetup.configure(args.log_level, args.log_format)
+    log.info("dicom-tls-proxy %s starting with %s", __version__, args.config)
+    try:
+        return asyncio.run(server.run(Path(args.config)))
+    except (ConfigErrors, ConfigError) as exc:
+        _print_config_errors(exc)
+        return 1
+    except (ProxyError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from proxy import config
+
+    try:
+        cfg = config.load(Path(args.config))
+    except (ConfigErrors, ConfigError) as exc:
+        _print_config_errors(exc)
+        return 1
+    except OSError as exc:
+        print(f"{args.config}: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.config}: ok ({len(cfg.listeners)} listener(s), {len(cfg.upstreams)} upstream(s), "
+        f"{len(cfg.routes)} route(s))"
+    )
+    return 0
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from proxy import certs
+
+    try:
+        written = certs.init(Path(args.directory), force=args.force)
+    except ProxyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for role, path in written.items():
+        print(f"{role:>16}: {path}")
+    print("development certificates only: never use this CA in production")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy import demo
+
+    return demo.run_demo(Path(args.workdir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-proxy", description="Transparent TLS-terminating DICOM proxy")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy in the foreground (logs to stderr)")
+    run.add_argument("-c", "--config", required=True, help="proxy.yaml")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", default="text", choices=["text", "json"])
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a configuration; errors as path:line:col")
+    check.add_argument("-c", "--config", required=True)
+    check.set_defaults(func=cmd_check)
+
+    certs = sub.add_parser("certs", help="development certificates")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    init = certs_sub.add_parser("init", help="create a development CA and server/client certificates")
+    init.add_argument("directory")
+    init.add_argument("--force", action="store_true", help="overwrite an existing CA")
+    init.set_defaults(func=cmd_certs_init)
+
+    demo = sub.add_parser("demo", help="run the end-to-end demo (TLS-only archive, proxy, sample images)")
+    demo.add_argument("--workdir", default="demo-run")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result

@@ -1,0 +1,558 @@
+"""One relayed association: read the A-ASSOCIATE-RQ, open the upstream, relay, close both sides.
+
+Each association owns two asyncio Protocols ("legs"), one per TCP/TLS connection. Bytes from a
+leg go through that side's PDUFramer; whole P-DATA-TF PDUs are forwarded as views of the read
+(checked PDV by PDV, never decoded or copied), so the hot path is a header walk and a write.
+Max Length is clamped in both directions (standards.md section 4), so no PDU is ever re-cut.
+Backpressure is write-then-drain at the transport level: when one leg's write buffer passes its
+high-water mark, the other leg stops reading until it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from proxy import tls
+from proxy.config import ProxyConfig, Upstream
+from proxy.dul.constants import (
+    APPLICATION_CONTEXT_NAME,
+    AbortReason,
+    AbortSource,
+    PDUType,
+    RejectReason,
+    RejectResult,
+    RejectSource,
+)
+from proxy.dul.framer import ForeignProtocolError, Frame, PDUFramer
+from proxy.dul.machine import Action, Side, State, advance
+from proxy.dul.pdus import AAbort, AAssociateAC, AAssociateRJ, AAssociateRQ, check_pdvs, parse_pdu
+from proxy.errors import RemotePDUError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+log = logging.getLogger("proxy.relay")
+
+WRITE_HIGH_WATER = 1024 * 1024
+"""A leg's write buffer above this pauses reading on the other leg (a few max-size PDUs)."""
+
+CLOSE_GRACE = 2.0
+"""Sta13: after our last PDU, how long we keep draining the peer before closing (D4C uses 1 s)."""
+
+P_DATA = PDUType.P_DATA_TF
+_ids = itertools.count(1)
+
+
+def _clamp(peer_value: int | None, cap: int) -> int:
+    """min(peer, cap) with 0/absent meaning unlimited (PS3.8 D.1)."""
+    if not peer_value:
+        return cap
+    return min(peer_value, cap)
+
+
+def _set_tcp_options(transport: asyncio.BaseTransport) -> socket.socket | None:
+    sock: socket.socket | None = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    return None
+
+
+@dataclass(frozen=True)
+class UpstreamRoute:
+    """What the relay needs of an upstream: where, and the TLS context built once at start."""
+
+    upstream: Upstream
+    ssl_context: ssl.SSLContext | None
+
+    @property
+    def server_hostname(self) -> str | None:
+        if self.upstream.tls is None:
+            return None
+        return self.upstream.tls.server_name or self.upstream.address.host
+
+
+class Leg(asyncio.Protocol):
+    """One side's transport; every event goes to the Association."""
+
+    def __init__(self, assoc: Association, side: Side) -> None:
+        self.assoc = assoc
+        self.side = side
+        self.transport: asyncio.Transport | None = None
+        self.quickack_sock: socket.socket | None = None
+        self.closed = False
+        self.draining = False  # Sta13: read and discard until the peer closes
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = _set_tcp_options(transport)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self.side is Side.REQUESTOR:
+            if self.assoc.quickack and transport.get_extra_info("sslcontext") is None:
+                self.quickack_sock = sock
+            self.assoc.client_connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.quickack_sock is not None:
+            # Legacy devices leave Nagle on; an immediate ACK spares them the 40 ms delayed-ACK stall.
+            self.quickack_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        if not self.draining:
+            self.assoc.data_received(self.side, data)
+
+    def eof_received(self) -> bool | None:
+        self.assoc.peer_closed(self.side, None)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.assoc.peer_closed(self.side, exc)
+        self.assoc.leg_lost(self)
+
+    def pause_writing(self) -> None:
+        self.assoc.pause_reading(_other(self.side))
+
+    def resume_writing(self) -> None:
+        self.assoc.resume_reading(_other(self.side))
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.transport is not None and not self.closed and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def writelines(self, chunks: list[memoryview]) -> None:
+        if self.transport is not None and not self.closed and not self.transport.is_closing():
+            self.transport.writelines(chunks)
+
+    def finish(self, grace: float) -> None:
+        """Close after the pending writes: half-close and drain when we can (so our last PDU is
+        read rather than lost to a reset), a plain close otherwise."""
+        transport = self.transport
+        if transport is None or self.closed or transport.is_closing():
+            return
+        self.draining = True
+        if transport.can_write_eof():
+            transport.write_eof()
+            transport.resume_reading()
+            asyncio.get_running_loop().call_later(grace, transport.close)
+        else:
+            transport.close()
+
+    def abort_now(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+
+def _other(side: Side) -> Side:
+    return Side.ACCEPTOR if side is Side.REQUESTOR else Side.REQUESTOR
+
+
+class Association:
+    """State of one relayed association. Created by the server when a client connects."""
+
+    def __init__(
+        self,
+        *,
+        config: ProxyConfig,
+        listener_name: str,
+        routes: Mapping[str, UpstreamRoute],
+        on_done: Callable[[Association], None],
+        quickack: bool = True,
+    ) -> None:
+        self.id = f"a{next(_ids)}"
+        self.config = config
+        self.listener_name = listener_name
+        self.routes = routes
+        self.on_done = on_done
+        self.quickack = quickack
+        self.loop = asyncio.get_running_loop()
+        self.state = State.STA2_AWAITING_RQ
+        cap = config.max_pdu_length
+        self.framers = {
+            Side.REQUESTOR: PDUFramer(max_pdata_length=cap, max_associate_length=config.max_associate_length),
+            Side.ACCEPTOR: PDUFramer(
+                max_pdata_length=cap, max_associate_length=config.max_associate_length, sniff_foreign=False
+            ),
+        }
+        self.legs: dict[Side, Leg] = {}
+        self.peer = "?"
+        self.calling_ae = ""
+        self.called_ae = ""
+        self.upstream_name: str | None = None
+        self.last_activity = self.loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._connect_task: asyncio.Task[None] | None = None
+        self._done = False
+        self.outcome = "open"
+        self.failure_reason = ""  # a bounded label (tls, timeout, unreachable, ...) when setup failed
+
+    # ---- naming for logs -------------------------------------------------------------------
+    def _who(self) -> str:
+        if self.calling_ae:
+            return f"{self.id} {self.peer} {self.calling_ae}->{self.called_ae}"
+        return f"{self.id} {self.peer}"
+
+    # ---- timers ----------------------------------------------------------------------------
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _artim_expired(self) -> None:
+        if self.state is State.STA2_AWAITING_RQ:
+            log.warning("%s: no A-ASSOCIATE-RQ within %.0f s (ARTIM); closing", self._who(), self.config.timeouts.artim)
+            self.outcome = "artim"
+            self._close_all()
+
+    def _idle_check(self) -> None:
+        idle = self.config.timeouts.idle
+        quiet = self.loop.time() - self.last_activity
+        if quiet < idle:
+            self._arm(idle - quiet + 0.05, self._idle_check)
+            return
+        log.warning("%s: idle for %.0f s; aborting both sides", self._who(), quiet)
+        self._abort_both(AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED, "idle")
+
+    def _acse_expired(self) -> None:
+        if self.state is State.STA5_AWAITING_AC:
+            self._reject_transient(
+                f"the archive sent no A-ASSOCIATE-AC within {self.config.timeouts.acse:.0f} s", "acse_timeout"
+            )
+
+    # ---- events from the legs ---------------------------------------------------------------
+    def client_connected(self, leg: Leg) -> None:
+        self.legs[Side.REQUESTOR] = leg
+        peer = leg.transport.get_extra_info("peername") if leg.transport else None
+        if isinstance(peer, tuple):
+            host, port = peer[0], peer[1]
+            self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._arm(self.config.timeouts.artim, self._artim_expired)
+        log.debug("%s: connection on listener %s", self._who(), self.listener_name)
+
+    def pause_reading(self, side: Side) -> None:
+        leg = self.legs.get(side)
+        if leg is not None and leg.transport is not None and not leg.closed:
+            leg.transport.pause_reading()
+
+    def resume_reading(self, side: Side) -> None:
+        leg = self.legs.get(side)
+        if leg is not None and leg.transport is not None and not leg.closed and not leg.transport.is_closing():
+            leg.transport.resume_reading()
+
+    def data_received(self, side: Side, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        try:
+            frames = self.framers[side].feed(data)
+        except ForeignProtocolError as exc:
+            log.warning("%s: %s; closing without a DICOM answer", self._who(), exc)
+            self.outcome = f"foreign_{exc.protocol}"
+            self._close_all()
+            return
+        except RemotePDUError as exc:
+            self._protocol_error(side, exc)
+            return
+        if not frames:
+            return
+        other = self.legs.get(_other(side))
+        if self.state is State.STA6_ESTABLISHED and other is not None:
+            # Hot path: a run of P-DATA-TF PDUs goes out in one write.
+            batch: list[memoryview] = []
+            for i, frame in enumerate(frames):
+                if frame.pdu_type != P_DATA:
+                    if batch:
+                        other.writelines(batch)
+                    self._handle_frames(side, frames[i:])
+                    return
+                try:
+                    check_pdvs(frame.data[6:])
+                except RemotePDUError as exc:
+                    if batch:
+                        other.writelines(batch)
+                    self._protocol_error(side, exc)
+                    return
+                batch.append(frame.data)
+            if len(batch) == 1:
+                other.write(batch[0])
+            else:
+                other.writelines(batch)
+            return
+        self._handle_frames(side, frames)
+
+    def _handle_frames(self, side: Side, frames: list[Frame]) -> None:
+        for frame in frames:
+            if self._done:
+                return
+            try:
+                action, next_state = advance(self.state, side, frame.pdu_type)
+                if frame.pdu_type == P_DATA:
+                    check_pdvs(frame.data[6:])
+                self._act(side, action, next_state, frame)
+            except RemotePDUError as exc:
+                self._protocol_error(side, exc)
+                return
+
+    def _act(self, side: Side, action: Action, next_state: State, frame: Frame) -> None:
+        other = self.legs.get(_other(side))
+        if action is Action.ASSOCIATE:
+            self.state = next_state
+            self._associate(frame)
+        elif action is Action.FORWARD:
+            self.state = next_state
+            if other is not None:
+                other.write(frame.data)
+        elif action is Action.FORWARD_AND_CLOSE:
+            self.state = next_state
+            if other is not None:
+                other.write(frame.data)
+            log.info("%s: released", self._who())
+            self.outcome = "released"
+            self._close_all()
+        elif action is Action.RELAY_AC:
+            self._relay_ac(frame)
+        elif action is Action.RELAY_RJ:
+            self.state = next_state
+            rj = parse_pdu(frame.data)
+            assert isinstance(rj, AAssociateRJ)
+            log.info(
+                "%s: the archive rejected the association (RJ %d/%d/%d); relayed unchanged",
+                self._who(),
+                rj.result,
+                rj.source,
+                rj.reason,
+            )
+            if other is not None:
+                other.write(frame.data)
+            self.outcome = "rejected_by_upstream"
+            self._close_all()
+        elif action is Action.RELAY_ABORT:
+            self.state = next_state
+            abort = parse_pdu(frame.data)
+            assert isinstance(abort, AAbort)
+            log.info(
+                "%s: A-ABORT %d/%d from the %s; relayed unchanged", self._who(), abort.source, abort.reason, side.value
+            )
+            if other is not None:
+                other.write(frame.data)
+            self.outcome = "aborted"
+            self._close_all()
+        elif action is Action.CLOSE:
+            self.state = next_state
+            self.outcome = "aborted"
+            self._close_all()
+        # Action.IGNORE: AA-6
+
+    # ---- association setup ------------------------------------------------------------------
+    def _associate(self, frame: Frame) -> None:
+        self._disarm()
+        rq = parse_pdu(frame.data)
+        assert isinstance(rq, AAssociateRQ)
+        self.calling_ae = rq.calling_ae_title
+        self.called_ae = rq.called_ae_title
+        if not rq.protocol_version & 1:
+            self._reject(RejectResult.PERMANENT, RejectSource.SERVICE_PROVIDER_ACSE,
+                         RejectReason.ACSE_PROTOCOL_VERSION_NOT_SUPPORTED,
+                         f"protocol version 0x{rq.protocol_version:04X} does not include version 1")
+            return
+        if rq.application_context != APPLICATION_CONTEXT_NAME:
+            self._reject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
+                         RejectReason.USER_APPLICATION_CONTEXT_NOT_SUPPORTED,
+                         f"application context {rq.application_context!r} is not DICOM's")
+            return
+        name = self.config.routes.get(self.called_ae, self.config.default_upstream)
+        route = self.routes.get(name) if name else None
+        if route is None:
+            self._reject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
+                         RejectReason.USER_CALLED_AE_NOT_RECOGNIZED,
+                         f"no route for called AE title {self.called_ae!r} and no default upstream")
+            return
+        self.upstream_name = name
+        self._connect_task = self.loop.create_task(self._open_upstream(route, rq), name=f"{self.id}-upstream")
+        self._connect_task.add_done_callback(lambda _t: self._maybe_done())
+
+    async def _open_upstream(self, route: UpstreamRoute, rq: AAssociateRQ) -> None:
+        up = route.upstream
+        timeout = self.config.timeouts.connect
+        try:
+            async with asyncio.timeout(timeout):
+                _transport, leg = await self.loop.create_connection(
+                    lambda: Leg(self, Side.ACCEPTOR),
+                    up.address.host,
+                    up.address.port,
+                    ssl=route.ssl_context,
+                    server_hostname=route.server_hostname,
+                    ssl_handshake_timeout=timeout if route.ssl_context else None,
+                )
+        except ssl.SSLError as exc:
+            _label, words = tls.describe_tls_error(exc)
+            self._reject_transient(f"TLS to upstream {up.name} ({up.address}) failed: {words}", "tls")
+            return
+        except TimeoutError:
+            self._reject_transient(
+                f"upstream {up.name} ({up.address}) did not complete connect/TLS within {timeout:.0f} s",
+                "timeout",
+            )
+            return
+        except OSError as exc:
+            _label, words = tls.describe_connect_error(exc)
+            self._reject_transient(f"cannot reach upstream {up.name} ({up.address}): {words}", "unreachable")
+            return
+        if self._done or self.state is not State.STA5_AWAITING_AC:
+            leg.abort_now()
+            return
+        self.legs[Side.ACCEPTOR] = leg
+        client_max = rq.max_length
+        to_upstream = _clamp(client_max, self.config.max_pdu_length)
+        # The upstream may send us P-DATA up to what we advertise on the client's behalf.
+        self.framers[Side.ACCEPTOR].max_pdata_length = to_upstream
+        leg.write(rq.with_max_length(to_upstream).encode())
+        self._arm(self.config.timeouts.acse, self._acse_expired)
+        log.debug("%s: A-ASSOCIATE-RQ relayed to %s (max length %d -> %d)", self._who(), up.name,
+                  client_max or 0, to_upstream)
+
+    def _relay_ac(self, frame: Frame) -> None:
+        self._disarm()
+        ac = parse_pdu(frame.data)
+        assert isinstance(ac, AAssociateAC)
+        upstream_max = ac.max_length
+        to_client = _clamp(upstream_max, self.config.max_pdu_length)
+        self.framers[Side.REQUESTOR].max_pdata_length = to_client
+        client = self.legs.get(Side.REQUESTOR)
+        if client is None:
+            return
+        self.state = State.STA6_ESTABLISHED
+        client.write(ac.with_max_length(to_client).encode())
+        accepted = sum(1 for pc in ac.presentation_contexts if pc.result == 0)
+        log.info(
+            "%s: association established via %s (%d of %d presentation contexts accepted)",
+            self._who(),
+            self.upstream_name,
+            accepted,
+            len(ac.presentation_contexts),
+        )
+        self.outcome = "accepted"
+        self._arm(self.config.timeouts.idle, self._idle_check)
+
+    # ---- endings ----------------------------------------------------------------------------
+    def _reject(self, result: int, source: int, reason: int, why: str, outcome: str = "rejected") -> None:
+        log.warning("%s: rejected (RJ %d/%d/%d): %s", self._who(), result, source, reason, why)
+        client = self.legs.get(Side.REQUESTOR)
+        if client is not None:
+            client.write(AAssociateRJ(result, source, reason).encode())
+        self.state = State.STA13_CLOSING
+        self.outcome = outcome
+        self._close_all()
+
+    def _reject_transient(self, why: str, reason: str) -> None:
+        self.failure_reason = reason
+        upstream = self.legs.get(Side.ACCEPTOR)
+        if upstream is not None and self.state is State.STA5_AWAITING_AC:
+            upstream.write(AAbort(AbortSource.SERVICE_USER, 0).encode())
+        self._reject(
+            RejectResult.TRANSIENT,
+            RejectSource.SERVICE_PROVIDER_PRESENTATION,
+            RejectReason.PRESENTATION_TEMPORARY_CONGESTION,
+            why,
+            outcome="upstream_unavailable",
+        )
+
+    def _protocol_error(self, side: Side, exc: RemotePDUError) -> None:
+        log.warning(
+            "%s: protocol error from the %s: %s; sending A-ABORT %d/%d",
+            self._who(),
+            side.value,
+            exc,
+            exc.source,
+            exc.reason,
+        )
+        offender = self.legs.get(side)
+        if offender is not None:
+            offender.write(AAbort(exc.source, exc.reason).encode())
+        other = self.legs.get(_other(side))
+        if other is not None:
+            other.write(AAbort(AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED).encode())
+        self.state = State.STA13_CLOSING
+        self.outcome = "protocol_error"
+        self._close_all()
+
+    def _abort_both(self, source: int, reason: int, outcome: str) -> None:
+        abort = AAbort(source, reason).encode()
+        for leg in self.legs.values():
+            leg.write(abort)
+        self.state = State.STA13_CLOSING
+        self.outcome = outcome
+        self._close_all()
+
+    def abort(self, why: str) -> None:
+        """Server-initiated abort (shutdown deadline)."""
+        if self._done:
+            return
+        log.warning("%s: aborting: %s", self._who(), why)
+        self._abort_both(AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED, "aborted")
+
+    def peer_closed(self, side: Side, exc: Exception | None) -> None:
+        """A transport closed (or half-closed) without a PDU telling us why."""
+        if self._done or self.state is State.STA13_CLOSING:
+            return
+        if self.state is State.STA2_AWAITING_RQ:
+            self.outcome = "closed_before_rq"
+            self._close_all()
+            return
+        if side is Side.ACCEPTOR and self.state is State.STA5_AWAITING_AC:
+            if isinstance(exc, ssl.SSLError):
+                _label, words = tls.describe_tls_error(exc)
+                why = f"TLS to upstream {self.upstream_name} failed after the handshake: {words}"
+            else:
+                why = f"upstream {self.upstream_name} closed the connection before answering the A-ASSOCIATE-RQ"
+            self._reject_transient(why, "tls" if exc else "closed")
+            return
+        detail = f" ({exc})" if exc else ""
+        log.warning("%s: the %s closed the connection without a PDU%s; A-ABORT to the other side",
+                    self._who(), side.value, detail)
+        other = self.legs.get(_other(side))
+        if other is not None:
+            other.write(AAbort(AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED).encode())
+        self.state = State.STA13_CLOSING
+        self.outcome = "aborted"
+        self._close_all()
+
+    def _close_all(self) -> None:
+        self.state = State.STA13_CLOSING
+        self._disarm()
+        if self._connect_task is not None and not self._connect_task.done():
+            self._connect_task.cancel()
+        grace = min(CLOSE_GRACE, self.config.timeouts.artim)
+        for leg in self.legs.values():
+            leg.finish(grace)
+        self._maybe_done()
+
+    def leg_lost(self, leg: Leg) -> None:
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self._done or self.state is not State.STA13_CLOSING:
+            return
+        if all(leg.closed for leg in self.legs.values()) and (
+            self._connect_task is None or self._connect_task.done()
+        ):
+            self._done = True
+            self._disarm()
+            self.on_done(self)
+
+    @property
+    def established(self) -> bool:
+        return self.state not in (State.STA2_AWAITING_RQ, State.STA5_AWAITING_AC, State.STA13_CLOSING)
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "peer": self.peer, "calling_ae": self.calling_ae, "called_ae": self.called_ae,
+                "upstream": self.upstream_name, "state": self.state.value}
