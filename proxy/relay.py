@@ -190,6 +190,7 @@ class Association:
         self._connect_task: asyncio.Task[None] | None = None
         self._done = False
         self.outcome = "open"
+        self.tls_resumed = False
         self.failure_reason = ""  # a bounded label (tls, timeout, unreachable, ...) when setup failed
 
     # ---- naming for logs -------------------------------------------------------------------
@@ -394,7 +395,7 @@ class Association:
                     ssl_handshake_timeout=timeout if route.ssl_context else None,
                 )
         except ssl.SSLError as exc:
-            _label, words = tls.describe_tls_error(exc)
+            _label, words = tls.describe_tls_error(exc, server_name=route.server_hostname)
             self._reject_transient(f"TLS to upstream {up.name} ({up.address}) failed: {words}", "tls")
             return
         except TimeoutError:
@@ -404,7 +405,7 @@ class Association:
             )
             return
         except OSError as exc:
-            _label, words = tls.describe_connect_error(exc)
+            _label, words = tls.describe_connect_error(exc, up.address)
             self._reject_transient(f"cannot reach upstream {up.name} ({up.address}): {words}", "unreachable")
             return
         if self._done or self.state is not State.STA5_AWAITING_AC:
@@ -432,16 +433,32 @@ class Association:
             return
         self.state = State.STA6_ESTABLISHED
         client.write(ac.with_max_length(to_client).encode())
+        self._keep_tls_session()
         accepted = sum(1 for pc in ac.presentation_contexts if pc.result == 0)
         log.info(
-            "%s: association established via %s (%d of %d presentation contexts accepted)",
+            "%s: association established via %s (%d of %d presentation contexts accepted%s)",
             self._who(),
             self.upstream_name,
             accepted,
             len(ac.presentation_contexts),
+            ", TLS session resumed" if self.tls_resumed else "",
         )
         self.outcome = "accepted"
         self._arm(self.config.timeouts.idle, self._idle_check)
+
+    def _keep_tls_session(self) -> None:
+        """After the AC the TLS 1.3 tickets have arrived: keep the session for the next association."""
+        route = self.routes.get(self.upstream_name or "")
+        upstream = self.legs.get(Side.ACCEPTOR)
+        if route is None or upstream is None or upstream.transport is None:
+            return
+        ctx = route.ssl_context
+        sslobj = upstream.transport.get_extra_info("ssl_object")
+        if isinstance(ctx, tls.ResumingClientContext) and isinstance(sslobj, ssl.SSLObject):
+            self.tls_resumed = sslobj.session_reused
+            session = sslobj.session
+            if session is not None:
+                ctx.session = session
 
     # ---- endings ----------------------------------------------------------------------------
     def _reject(self, result: int, source: int, reason: int, why: str, outcome: str = "rejected") -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +41,14 @@ __all__ = [
     "describe",
     "load_file",
     "parse",
+    "read_text",
 ]
 
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_LIST_LOOKALIKE = re.compile(r":\s+\[[^\]]*\][^\s,\]}]")
+"""`address: [::1]:2762` unquoted: the most likely syntax error in a proxy config."""
 
 ScalarValue = str | int | float | bool | None | bytes | datetime.date | datetime.datetime
 
@@ -275,6 +279,8 @@ def parse(text: str, path: str, errors: list[ConfigError]) -> Node | None:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         message = _yaml_problem(exc) or "invalid YAML"
+        if mark is not None and _LIST_LOOKALIKE.search(src.line(mark.line + 1) or ""):
+            message += "; a value that starts with '[' is read as a YAML list: quote it, e.g. \"[::1]:2762\""
         if mark is None:
             errors.append(ConfigError(f"invalid YAML: {message}", Location(path, 1, 1), src.line(1)))
         else:
@@ -344,12 +350,7 @@ class Collector:
 
     def raise_if_any(self) -> None:
         if self.errors:
-            ordered = sorted(
-                self.errors,
-                key=lambda e: (e.location is None, e.location.path, e.location.line, e.location.col)
-                if e.location is not None
-                else (True, "", 0, 0),
-            )
+            ordered = sorted(self.errors, key=_error_order)
             raise ConfigErrors(ordered)
 
     # Shapes ------------------------------------------------------------------------------
@@ -429,6 +430,11 @@ class Collector:
             self.add(node, f"{what} must be at most {high:g}, got {node.text}")
             return None
         return value
+
+
+def _error_order(error: ConfigError) -> tuple[str, int, int]:
+    loc = error.location
+    return ("", 0, 0) if loc is None else (loc.path, loc.line, loc.col)
 
 
 def _range_words(low: int | None, high: int | None) -> str:

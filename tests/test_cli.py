@@ -1,0 +1,109 @@
+"""The dicom-proxy command line: exit codes and the messages an admin reads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy import __version__
+
+CLI = [sys.executable, "-m", "proxy"]
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+@pytest.fixture
+def certs_dir(tmp_path: Path) -> Path:
+    out = _run("certs", "init", str(tmp_path / "certs"))
+    assert out.returncode == 0, out.stderr
+    return tmp_path / "certs"
+
+
+def _write_config(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(body)
+    return path
+
+
+VALID = """\
+listeners:
+  - name: modalities
+    address: 127.0.0.1:11112
+upstreams:
+  pacs:
+    address: 127.0.0.1:2762
+    tls:
+      ca: certs/ca.pem
+      cert: certs/proxy.pem
+      key: certs/proxy.key
+      server_name: localhost
+routes:
+  PACS: pacs
+default_upstream: pacs
+timeouts: {artim: 30, connect: 10, idle: 300}
+"""
+
+
+def test_version() -> None:
+    out = _run("--version")
+    assert out.returncode == 0
+    assert __version__ in out.stdout
+
+
+def test_check_accepts_the_contract_example(tmp_path: Path, certs_dir: Path) -> None:
+    path = _write_config(tmp_path, VALID)
+    out = _run("check", "-c", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
+def test_check_reports_every_error_with_location_and_caret(tmp_path: Path, certs_dir: Path) -> None:
+    broken = VALID.replace("server_name: localhost", "server_nam: localhost").replace(
+        "address: 127.0.0.1:2762", "address: 127.0.0.1:99999"
+    )
+    path = _write_config(tmp_path, broken)
+    out = _run("check", "-c", str(path))
+    assert out.returncode == 1
+    lines = out.stderr.splitlines()
+    errors = [line for line in lines if ": error: " in line]
+    assert len(errors) == 2, out.stderr
+    assert any(line.startswith(f"{path}:11:7: error:") and "server_nam" in line for line in errors), out.stderr
+    assert any(line.startswith(f"{path}:6:14: error:") and "99999" in line for line in errors), out.stderr
+    # the offending line and a caret under the column follow each error
+    assert "      server_nam: localhost" in out.stderr
+    assert any(line.strip() == "^" for line in lines)
+
+
+def test_check_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    out = _run("check", "-c", str(tmp_path / "nope.yaml"))
+    assert out.returncode == 1
+    assert "nope.yaml" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_usage_error_exit_code() -> None:
+    out = _run("run")
+    assert out.returncode == 2
+
+
+def test_certs_init_refuses_to_overwrite_a_ca(tmp_path: Path, certs_dir: Path) -> None:
+    before = (certs_dir / "ca.pem").read_bytes()
+    out = _run("certs", "init", str(certs_dir))
+    assert out.returncode == 1
+    assert (certs_dir / "ca.pem").read_bytes() == before
+    forced = _run("certs", "init", str(certs_dir), "--force")
+    assert forced.returncode == 0
+    assert (certs_dir / "ca.pem").read_bytes() != before
+
+
+def test_run_with_invalid_config_exits_1_without_traceback(tmp_path: Path) -> None:
+    path = _write_config(tmp_path, "listeners: []\n")
+    out = _run("run", "-c", str(path))
+    assert out.returncode == 1
+    assert ": error: " in out.stderr
+    assert "Traceback" not in out.stderr
