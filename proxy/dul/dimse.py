@@ -11,7 +11,7 @@ Only command fragments are ever buffered; data-set fragments are counted, never 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -276,3 +276,76 @@ class MessageStream:
                 if pdv.control & 0x02:
                     self.in_data_set = False
         return done
+
+
+class RequestGate:
+    """Requestor -> acceptor P-DATA when DIMSE rules apply: the PDUs carrying a request's command
+    are held until the command is complete, then released or refused as a whole.
+
+    `decide(context_id, command)` returns None to forward the request, or the failure Status of
+    the response the proxy sends instead. A refused request's data set is discarded as it
+    arrives (never buffered), and the response goes out once its last fragment has passed, as a
+    real SCP would answer. Per PS3.8 E.1 the PDVs of one P-DATA-TF belong to one message, so a
+    PDU's fate is decided as a whole.
+    """
+
+    def __init__(self, decide: Callable[[int, CommandSet], int | None]) -> None:
+        self._decide = decide
+        self._held: list[memoryview] = []
+        self._command = bytearray()
+        self._discarding = False
+        self._pending: bytes | None = None  # the refusal response, sent after the discarded data set
+        self._in_data_set = False
+
+    def feed(self, pdu: memoryview) -> tuple[list[memoryview], list[bytes]]:
+        """One whole P-DATA-TF PDU in; (PDUs to forward upstream, PDUs to answer the requestor with)."""
+        forward: list[memoryview] = []
+        answer: list[bytes] = []
+        held = False
+        for pdv in iter_pdvs(pdu[6:]):
+            if pdv.control & 0x01:
+                if self._in_data_set:
+                    raise RemotePDUError("command fragment inside an unfinished data set", source=2, reason=5)
+                if len(self._command) + len(pdv.fragment) > MAX_COMMAND_SET_LENGTH:
+                    raise RemotePDUError("command set larger than 64 KiB", source=2, reason=6)
+                self._command += pdv.fragment
+                if not held:
+                    self._held.append(pdu)
+                    held = True
+                if pdv.control & 0x02:
+                    command = parse_command_set(self._command)
+                    self._command = bytearray()
+                    status = None if command.is_response else self._decide(pdv.context_id, command)
+                    self._in_data_set = command.has_data_set
+                    if status is None:
+                        forward.extend(self._held)
+                        self._discarding = False
+                    else:
+                        self._discarding = True
+                        response = response_for(command, status)
+                        self._pending = _pdata(pdv.context_id, response)
+                    self._held = []
+                    if not self._in_data_set:
+                        self._flush_pending(answer)
+            else:
+                if self._command:
+                    raise RemotePDUError("data fragment inside an unfinished command", source=2, reason=5)
+                if not held and not self._discarding:
+                    forward.append(pdu)
+                    held = True
+                if pdv.control & 0x02:
+                    self._in_data_set = False
+                    self._flush_pending(answer)
+        return forward, answer
+
+    def _flush_pending(self, answer: list[bytes]) -> None:
+        if self._pending is not None:
+            answer.append(self._pending)
+            self._pending = None
+        self._discarding = False
+
+
+def _pdata(context_id: int, command: bytes) -> bytes:
+    """A P-DATA-TF with the whole command in one last-fragment PDV (MCH 0x03)."""
+    pdv = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
+    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
