@@ -11,12 +11,15 @@ high-water mark, the other leg stops reading until it drains.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ipaddress
 import itertools
 import logging
 import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from proxy import tls
@@ -30,10 +33,13 @@ from proxy.dul.constants import (
     RejectResult,
     RejectSource,
 )
+from proxy.dul.dimse import CommandSet, RequestGate, command_name
 from proxy.dul.framer import ForeignProtocolError, Frame, PDUFramer
+from proxy.dul.items import PresentationContextACItem, UserIdentityRQSubItem
 from proxy.dul.machine import Action, Side, State, advance
-from proxy.dul.pdus import AAbort, AAssociateAC, AAssociateRJ, AAssociateRQ, check_pdvs, parse_pdu
+from proxy.dul.pdus import AAbort, AAssociateAC, AAssociateRJ, AAssociateRQ, check_pdvs, iter_pdvs, parse_pdu
 from proxy.errors import RemotePDUError
+from proxy.policy.model import AssociationFacts, Decision, DimseFacts, IdentityFacts
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -191,6 +197,11 @@ class Association:
         self._done = False
         self.outcome = "open"
         self.tls_resumed = False
+        self.rq: AAssociateRQ | None = None
+        self.facts: AssociationFacts | None = None
+        self.decision: Decision | None = None
+        self.gate: RequestGate | None = None  # DIMSE rules: holds request commands until decided
+        self.accepted_contexts: frozenset[int] | None = None  # set when context filtering applies
         self.failure_reason = ""  # a bounded label (tls, timeout, unreachable, ...) when setup failed
 
     # ---- naming for logs -------------------------------------------------------------------
@@ -252,6 +263,14 @@ class Association:
             leg.transport.resume_reading()
 
     def data_received(self, side: Side, data: bytes) -> None:
+        try:
+            self._data_received(side, data)
+        except Exception:
+            # A bug must cost one association, cleanly aborted on both sides, never the proxy.
+            log.exception("%s: internal error while relaying; aborting the association", self._who())
+            self._abort_both(AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED, "internal_error")
+
+    def _data_received(self, side: Side, data: bytes) -> None:
         self.last_activity = self.loop.time()
         try:
             frames = self.framers[side].feed(data)
@@ -266,7 +285,7 @@ class Association:
         if not frames:
             return
         other = self.legs.get(_other(side))
-        if self.state is State.STA6_ESTABLISHED and other is not None:
+        if self.state is State.STA6_ESTABLISHED and other is not None and not self._inspecting:
             # Hot path: a run of P-DATA-TF PDUs goes out in one write.
             batch: list[memoryview] = []
             for i, frame in enumerate(frames):
@@ -290,6 +309,11 @@ class Association:
             return
         self._handle_frames(side, frames)
 
+    @property
+    def _inspecting(self) -> bool:
+        """P-DATA needs more than a header walk: DIMSE rules or presentation-context filtering."""
+        return self.gate is not None or self.accepted_contexts is not None
+
     def _handle_frames(self, side: Side, frames: list[Frame]) -> None:
         for frame in frames:
             if self._done:
@@ -297,6 +321,9 @@ class Association:
             try:
                 action, next_state = advance(self.state, side, frame.pdu_type)
                 if frame.pdu_type == P_DATA:
+                    if self._inspecting and action is Action.FORWARD:
+                        self._forward_inspected(side, next_state, frame)
+                        continue
                     check_pdvs(frame.data[6:])
                 self._act(side, action, next_state, frame)
             except RemotePDUError as exc:
@@ -353,6 +380,59 @@ class Association:
             self._close_all()
         # Action.IGNORE: AA-6
 
+    def _forward_inspected(self, side: Side, next_state: State, frame: Frame) -> None:
+        """P-DATA when rules look inside: contexts the modality was refused, and DIMSE requests."""
+        self.state = next_state
+        if self.accepted_contexts is not None:
+            for pdv in iter_pdvs(frame.data[6:]):
+                if pdv.context_id not in self.accepted_contexts:
+                    raise RemotePDUError(
+                        f"PDV on presentation context {pdv.context_id}, which was not accepted",
+                        source=2,
+                        reason=AbortReason.UNEXPECTED_PDU_PARAMETER,
+                    )
+        other = self.legs.get(_other(side))
+        if side is Side.REQUESTOR and self.gate is not None:
+            forward, answers = self.gate.feed(frame.data)
+            if other is not None and forward:
+                other.writelines(forward)
+            client = self.legs.get(Side.REQUESTOR)
+            for answer in answers:
+                if client is not None:
+                    client.write(answer)
+            return
+        check_pdvs(frame.data[6:])
+        if other is not None:
+            other.write(frame.data)
+
+    def _decide_dimse(self, context_id: int, command: CommandSet) -> int | None:
+        rules = getattr(self.config, "rules", None)  # TODO: ProxyConfig.rules once the loader lands
+        if rules is None or self.facts is None or command.command_field is None:
+            return None
+        name = command_name(command.command_field)
+        dimse = DimseFacts(
+            command=name,
+            affected_sop_class=command.sop_class_uid,
+            move_destination=command.move_destination,
+            priority=command.priority,
+        )
+        decision = rules.evaluate_dimse(self.facts, dimse)
+        for rule, action in decision.shadow_matches:
+            log.info("%s: shadow rule %s would %s %s (not enforced)", self._who(), rule, action, name)
+        if decision.action == "refuse":
+            log.warning(
+                "%s: %s (message %s%s) refused by rule %s with status 0x%04X",
+                self._who(),
+                name,
+                command.message_id,
+                f", destination {command.move_destination!r}" if command.move_destination else "",
+                decision.rule,
+                decision.status,
+            )
+            status: int = decision.status
+            return status
+        return None
+
     # ---- association setup ------------------------------------------------------------------
     def _associate(self, frame: Frame) -> None:
         self._disarm()
@@ -370,7 +450,38 @@ class Association:
                          RejectReason.USER_APPLICATION_CONTEXT_NOT_SUPPORTED,
                          f"application context {rq.application_context!r} is not DICOM's")
             return
-        name = self.config.routes.get(self.called_ae, self.config.default_upstream)
+        self.rq = rq
+        upstream_names: tuple[str, ...] = ()
+        rules = getattr(self.config, "rules", None)  # TODO: ProxyConfig.rules once the loader lands
+        if rules is not None:
+            self.facts = self._facts(rq)
+            decision = rules.evaluate(self.facts)
+            self.decision = decision
+            for rule, action in decision.shadow_matches:
+                log.info("%s: shadow rule %s would %s (not enforced)", self._who(), rule, action)
+            if decision.action == "reject":
+                result, source, reason = decision.reject or (1, 1, 1)
+                self._reject(result, source, reason, f"rule {decision.rule}", outcome="rejected_by_rule")
+                return
+            if decision.action == "drop":
+                log.warning("%s: dropped without a PDU by rule %s", self._who(), decision.rule)
+                self.outcome = "dropped_by_rule"
+                self._close_all()
+                return
+            log.info("%s: accepted by rule %s", self._who(), decision.rule)
+            upstream_names = decision.upstreams
+            if rules.has_dimse_rules:
+                self.gate = RequestGate(self._decide_dimse)
+            if decision.rewrite_called_ae or decision.rewrite_calling_ae:
+                rq = dataclasses.replace(
+                    rq,
+                    called_ae=decision.rewrite_called_ae or rq.called_ae,
+                    calling_ae=decision.rewrite_calling_ae or rq.calling_ae,
+                )
+        if not upstream_names:
+            routed = self.config.routes.get(self.called_ae, self.config.default_upstream)
+            upstream_names = (routed,) if routed else ()
+        name = next((n for n in upstream_names if n in self.routes), None)
         route = self.routes.get(name) if name else None
         if route is None:
             self._reject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
@@ -380,6 +491,28 @@ class Association:
         self.upstream_name = name
         self._connect_task = self.loop.create_task(self._open_upstream(route, rq), name=f"{self.id}-upstream")
         self._connect_task.add_done_callback(lambda _t: self._maybe_done())
+
+    def _facts(self, rq: AAssociateRQ) -> AssociationFacts:
+        leg = self.legs.get(Side.REQUESTOR)
+        peer = leg.transport.get_extra_info("peername") if leg and leg.transport else None
+        source = ipaddress.ip_address(peer[0]) if isinstance(peer, tuple) else ipaddress.ip_address("0.0.0.0")
+        identity = None
+        info = rq.user_information
+        item = info.find(UserIdentityRQSubItem) if info else None
+        if item is not None:
+            username = item.primary.decode("utf-8", "replace") if item.identity_type in (1, 2) else None
+            identity = IdentityFacts(item.identity_type, username)
+        contexts = rq.presentation_contexts
+        return AssociationFacts(
+            source=source,
+            listener=self.listener_name,
+            calling_ae=self.calling_ae,
+            called_ae=self.called_ae,
+            abstract_syntaxes=tuple(pc.abstract_syntax for pc in contexts if pc.abstract_syntax),
+            transfer_syntaxes=tuple(dict.fromkeys(ts for pc in contexts for ts in pc.transfer_syntaxes)),
+            user_identity=identity,
+            now=datetime.now(),
+        )
 
     async def _open_upstream(self, route: UpstreamRoute, rq: AAssociateRQ) -> None:
         up = route.upstream
@@ -432,6 +565,10 @@ class Association:
         if client is None:
             return
         self.state = State.STA6_ESTABLISHED
+        ac = self._filter_contexts(ac)
+        if self.rq is not None:
+            # PS3.8 9.3.3: the AC echoes the RQ's AE fields; restore the modality's own after a rewrite
+            ac = dataclasses.replace(ac, called_ae=self.rq.called_ae, calling_ae=self.rq.calling_ae)
         client.write(ac.with_max_length(to_client).encode())
         self._keep_tls_session()
         accepted = sum(1 for pc in ac.presentation_contexts if pc.result == 0)
@@ -445,6 +582,30 @@ class Association:
         )
         self.outcome = "accepted"
         self._arm(self.config.timeouts.idle, self._idle_check)
+
+    def _filter_contexts(self, ac: AAssociateAC) -> AAssociateAC:
+        """Contexts a rule does not allow are rejected in the AC the modality sees (result 1 or 3);
+        the archive accepted them, but no PDV on them will ever reach it."""
+        decision = self.decision
+        if decision is None or decision.allowed_abstract_syntaxes is None or self.rq is None:
+            return ac
+        proposed = {pc.context_id: pc.abstract_syntax for pc in self.rq.presentation_contexts}
+        items = []
+        refused = []
+        for item in ac.items:
+            if isinstance(item, PresentationContextACItem) and item.result == 0:
+                syntax = proposed.get(item.context_id)
+                if syntax is None or not decision.context_allowed(syntax):
+                    item = dataclasses.replace(item, result=decision.context_rejection)
+                    refused.append(item.context_id)
+            items.append(item)
+        self.accepted_contexts = frozenset(
+            i.context_id for i in items if isinstance(i, PresentationContextACItem) and i.result == 0
+        )
+        if refused:
+            log.info("%s: rule %s refused presentation context(s) %s", self._who(), decision.rule,
+                     ", ".join(map(str, refused)))
+        return dataclasses.replace(ac, items=tuple(items))
 
     def _keep_tls_session(self) -> None:
         """After the AC the TLS 1.3 tickets have arrived: keep the session for the next association."""

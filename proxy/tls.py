@@ -205,7 +205,7 @@ def _describe_verify(
     if code == _CERT_SIGNATURE_FAILURE:
         return "unknown_ca", f"{whose} is not signed by the trusted CA ({detail}); check the 'ca' file"
     if code == _SELF_SIGNED_CERT_IN_CHAIN:
-        return "unknown_ca", f"{whose} chains to a CA we do not trust ({detail}); check the 'ca' file"
+        return "unknown_ca", f"{whose} chains to an unknown CA that we do not trust ({detail}); check the 'ca' file"
     if code == _DEPTH_ZERO_SELF_SIGNED_CERT:
         return "self_signed", f"{whose} is self-signed and not trusted ({detail})"
     if code == _CERT_HAS_EXPIRED:

@@ -14,15 +14,17 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from types import ModuleType, TracebackType
+from typing import Any
 
 import psutil
 import pytest
@@ -39,7 +41,7 @@ def missing(what: str) -> None:
     """Skip the test on a developer machine, fail it in CI (where every peer must be installed)."""
     if _in_ci():
         pytest.fail(f"{what} is required in CI", pytrace=False)
-    pytest.skip(f"{what} is not available")
+    pytest.skip(f"{what} is not available", allow_module_level=True)
 
 
 def _venv_bin_dirs() -> set[Path]:
@@ -52,7 +54,7 @@ def _which_outside_venv(name: str) -> str | None:
     """Find a binary on PATH, skipping the virtualenv: pynetdicom installs Python scripts named
     ``storescu``, ``storescp``, ``echoscu``, ``findscu`` ... there, which shadow dcmtk's binaries."""
     venv_dirs = _venv_bin_dirs()
-    search = os.environ.get("PATH", os.defpath).split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]
+    search = [*os.environ.get("PATH", os.defpath).split(os.pathsep), "/usr/bin", "/usr/local/bin"]
     for entry in search:
         if not entry:
             continue
@@ -275,9 +277,12 @@ class Peer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def log_text(self) -> str:
+    def log_text(self, since: int = 0) -> str:
+        """The output so far, from byte offset ``since`` (see :meth:`log_size`)."""
         try:
-            return self.log_path.read_text("utf-8", "replace")
+            with self.log_path.open("rb") as fh:
+                fh.seek(since)
+                return fh.read().decode("utf-8", "replace")
         except FileNotFoundError:
             return ""
 
@@ -408,3 +413,272 @@ def read_until_closed(sock: socket.socket, limit: int = 1 << 16) -> bytes:
             break
         data += chunk
     return bytes(data)
+
+
+# --------------------------------------------------------------------------- pynetdicom peers
+# pynetdicom is imported lazily so that this module stays importable when it is missing.
+
+
+@dataclass(frozen=True)
+class Received:
+    """One C-STORE as it arrived: the data set bytes exactly as sent on the wire."""
+
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    dataset: bytes
+    calling_ae: str
+
+
+class _StoreSink:
+    """Thread-safe collection of received C-STOREs with a wait on the count."""
+
+    def __init__(self, directory: Path | None) -> None:
+        import threading
+
+        self.directory = directory
+        self.objects: dict[str, Received] = {}
+        self._cond = threading.Condition()
+
+    def handle_store(self, event: Any) -> int:
+        request = event.request
+        item = Received(
+            sop_class=str(request.AffectedSOPClassUID),
+            sop_instance=str(request.AffectedSOPInstanceUID),
+            transfer_syntax=str(event.context.transfer_syntax),
+            dataset=event.encoded_dataset(include_meta=False),
+            calling_ae=event.assoc.requestor.ae_title.strip(),
+        )
+        if self.directory is not None:
+            (self.directory / f"{item.sop_instance}.dcm").write_bytes(event.encoded_dataset(include_meta=True))
+        with self._cond:
+            self.objects[item.sop_instance] = item
+            self._cond.notify_all()
+        return 0x0000
+
+    def snapshot(self) -> dict[str, Received]:
+        with self._cond:
+            return dict(self.objects)
+
+    def wait_for_count(self, count: int, timeout: float = 30.0) -> dict[str, Received]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.objects) >= count, timeout):
+                raise AssertionError(f"expected {count} objects, got {len(self.objects)} within {timeout}s")
+            return dict(self.objects)
+
+
+def tls_server_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
+    """A TLS server context for test archives, built with the standard library only, so that the
+    archive does not share code with the proxy under test. Requires a client certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(cafile=client_ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def tls_client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+QUERY_RETRIEVE_MODELS = (
+    "1.2.840.10008.5.1.4.1.2.1.1",  # Patient Root Query/Retrieve Information Model - FIND
+    "1.2.840.10008.5.1.4.1.2.1.2",  # - MOVE
+    "1.2.840.10008.5.1.4.1.2.1.3",  # - GET
+    "1.2.840.10008.5.1.4.1.2.2.1",  # Study Root Query/Retrieve Information Model - FIND
+    "1.2.840.10008.5.1.4.1.2.2.2",  # - MOVE
+    "1.2.840.10008.5.1.4.1.2.2.3",  # - GET
+)
+
+
+def _storage_classes(contexts: Sequence[Any]) -> list[str]:
+    return [str(cx.abstract_syntax) for cx in contexts if cx.abstract_syntax is not None]
+
+
+def _explicit_first(syntaxes: Sequence[str]) -> list[str]:
+    """pynetdicom as acceptor picks the first transfer syntax of *its own* list that the requestor
+    proposed; putting Explicit VR LE first keeps objects stored in it unconverted."""
+    explicit = "1.2.840.10008.1.2.1"
+    return [explicit, *(ts for ts in syntaxes if ts != explicit)]
+
+
+class PynetdicomArchive:
+    """A pynetdicom archive in this process (its own threads): Verification, Storage, Study and
+    Patient Root C-FIND / C-GET / C-MOVE. TLS when ``ssl_context`` is given.
+
+    * ``find_identifiers``: what C-FIND searches (matching on the keys with a value; ``*``/``?``
+      wildcards); responses carry only the requested keys, like a real archive.
+    * ``retrievable``: Part 10 files that C-GET / C-MOVE send (all of them, or those whose
+      SOPInstanceUID / StudyInstanceUID matches the request identifier).
+    * ``move_destinations``: AE title -> (host, port) for C-MOVE sub-associations (plaintext).
+    * ``stored``: everything received by C-STORE.
+    """
+
+    def __init__(
+        self,
+        *,
+        ae_title: str = "ARCHIVE",
+        ssl_context: ssl.SSLContext | None = None,
+        store_dir: Path | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.ae_title = ae_title
+        self.ssl_context = ssl_context
+        self.port = port if port is not None else free_port()
+        self.sink = _StoreSink(store_dir)
+        self.find_identifiers: list[object] = []
+        self.retrievable: list[Path] = []
+        self.move_destinations: dict[str, tuple[str, int]] = {}
+        self.echo_count = 0
+        self.associations: list[str] = []  # calling AE title of every accepted association
+        self._server: Any = None
+
+    @property
+    def stored(self) -> dict[str, Received]:
+        return self.sink.snapshot()
+
+    def start(self) -> PynetdicomArchive:
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_associations = 16
+        ae.add_supported_context(VERIFICATION_SOP_CLASS.decode())
+        for cx in _storage_classes(AllStoragePresentationContexts):
+            # scu_role/scp_role: accept the C-GET requestor's role selection proposals
+            ae.add_supported_context(cx, _explicit_first(ALL_TRANSFER_SYNTAXES), scu_role=True, scp_role=True)
+        for model in QUERY_RETRIEVE_MODELS:
+            ae.add_supported_context(model)
+        # outgoing C-MOVE sub-associations
+        for cx in _storage_classes(AllStoragePresentationContexts)[:120]:
+            ae.add_requested_context(cx, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self.sink.handle_store),
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+        ]
+        self._server = ae.start_server(
+            (LOOPBACK, self.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        )
+        return self
+
+    def stop(self) -> None:
+        server = self._server
+        if server is not None:
+            self._server = None
+            server.shutdown()
+
+    def __enter__(self) -> PynetdicomArchive:
+        return self.start() if self._server is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # handlers -----------------------------------------------------------------------
+
+    def _on_accepted(self, event: Any) -> None:
+        self.associations.append(event.assoc.requestor.ae_title.strip())
+
+    def _on_echo(self, event: Any) -> int:
+        self.echo_count += 1
+        return 0x0000
+
+    def _on_find(self, event: Any) -> Iterator[tuple[int, object | None]]:
+        from fnmatch import fnmatchcase
+
+        from pydicom.dataset import Dataset
+
+        query = event.identifier
+        keys = [elem.keyword for elem in query if elem.keyword and elem.keyword != "SpecificCharacterSet"]
+        for candidate in self.find_identifiers:
+            assert isinstance(candidate, Dataset)
+            if candidate.get("QueryRetrieveLevel") != query.get("QueryRetrieveLevel"):
+                continue
+            ok = True
+            for keyword in keys:
+                wanted = query.get(keyword)
+                if keyword == "QueryRetrieveLevel" or wanted in (None, "", []):
+                    continue
+                have = candidate.get(keyword)
+                if not fnmatchcase(str(have), str(wanted)):
+                    ok = False
+                    break
+            if not ok:
+                continue
+            answer = Dataset()
+            if "SpecificCharacterSet" in candidate:
+                answer.SpecificCharacterSet = candidate.SpecificCharacterSet
+            for keyword in keys:
+                value = candidate.get(keyword)
+                setattr(answer, keyword, value if value is not None else "")
+            yield 0xFF00, answer
+        yield 0x0000, None
+
+    def _select(self, identifier: object) -> list[Path]:
+        from pydicom import dcmread
+
+        wanted: dict[str, str] = {}
+        for keyword in ("SOPInstanceUID", "StudyInstanceUID"):
+            value = getattr(identifier, keyword, None)
+            if value not in (None, "", "*"):
+                wanted[keyword] = str(value)
+        out = []
+        for path in self.retrievable:
+            ds = dcmread(path, stop_before_pixels=True)
+            if all(str(ds.get(k)) == v for k, v in wanted.items()):
+                out.append(path)
+        return out
+
+    def _on_get(self, event: Any) -> Iterator[object]:
+        from pydicom import dcmread
+
+        paths = self._select(event.identifier)
+        yield len(paths)
+        for path in paths:
+            yield 0xFF00, dcmread(path)
+
+    def _on_move(self, event: Any) -> Iterator[object]:
+        from pydicom import dcmread
+
+        raw = event.move_destination
+        destination = (raw.decode("ascii") if isinstance(raw, bytes) else str(raw)).strip()
+        if destination not in self.move_destinations:
+            yield None, None
+            return
+        yield self.move_destinations[destination]
+        paths = self._select(event.identifier)
+        yield len(paths)
+        for path in paths:
+            yield 0xFF00, dcmread(path)
+
+
+class PynetdicomStorageSCP:
+    """A plaintext pynetdicom Storage SCP (a C-MOVE destination) in this process."""
+
+    def __init__(self, *, ae_title: str = "MOVEDEST", store_dir: Path | None = None) -> None:
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.sink = _StoreSink(store_dir)
+        self._server: Any = None
+
+    def start(self) -> PynetdicomStorageSCP:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+        ae = AE(ae_title=self.ae_title)
+        for cx in _storage_classes(AllStoragePresentationContexts):
+            ae.add_supported_context(cx, _explicit_first(ALL_TRANSFER_SYNTAXES))
+        self._server = ae.start_server(
+            (LOOPBACK, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self.sink.handle_store)]
+        )
+        return self
+
+    def stop(self) -> None:
+        server = self._server
+        if server is not None:
+            self._server = None
+            server.shutdown()
