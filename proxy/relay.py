@@ -29,7 +29,9 @@ from proxy.dul.constants import (
     AbortReason,
     AbortSource,
     PDUType,
-    RejectReason,
+    RejectReasonACSE,
+    RejectReasonPresentation,
+    RejectReasonUser,
     RejectResult,
     RejectSource,
 )
@@ -272,8 +274,9 @@ class Association:
 
     def _data_received(self, side: Side, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        framer = self.framers[side]
         try:
-            frames = self.framers[side].feed(data)
+            frames = framer.feed(data)
         except ForeignProtocolError as exc:
             log.warning("%s: %s; closing without a DICOM answer", self._who(), exc)
             self.outcome = f"foreign_{exc.protocol}"
@@ -282,8 +285,12 @@ class Association:
         except RemotePDUError as exc:
             self._protocol_error(side, exc)
             return
-        if not frames:
-            return
+        if frames:
+            self._process(side, frames)
+        if framer.error is not None and not self._done and self.state is not State.STA13_CLOSING:
+            self._protocol_error(side, framer.error)
+
+    def _process(self, side: Side, frames: list[Frame]) -> None:
         other = self.legs.get(_other(side))
         if self.state is State.STA6_ESTABLISHED and other is not None and not self._inspecting:
             # Hot path: a run of P-DATA-TF PDUs goes out in one write.
@@ -442,12 +449,12 @@ class Association:
         self.called_ae = rq.called_ae_title
         if not rq.protocol_version & 1:
             self._reject(RejectResult.PERMANENT, RejectSource.SERVICE_PROVIDER_ACSE,
-                         RejectReason.ACSE_PROTOCOL_VERSION_NOT_SUPPORTED,
+                         RejectReasonACSE.PROTOCOL_VERSION_NOT_SUPPORTED,
                          f"protocol version 0x{rq.protocol_version:04X} does not include version 1")
             return
         if rq.application_context != APPLICATION_CONTEXT_NAME:
             self._reject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
-                         RejectReason.USER_APPLICATION_CONTEXT_NOT_SUPPORTED,
+                         RejectReasonUser.APPLICATION_CONTEXT_NOT_SUPPORTED,
                          f"application context {rq.application_context!r} is not DICOM's")
             return
         self.rq = rq
@@ -485,7 +492,7 @@ class Association:
         route = self.routes.get(name) if name else None
         if route is None:
             self._reject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
-                         RejectReason.USER_CALLED_AE_NOT_RECOGNIZED,
+                         RejectReasonUser.CALLED_AE_NOT_RECOGNIZED,
                          f"no route for called AE title {self.called_ae!r} and no default upstream")
             return
         self.upstream_name = name
@@ -639,7 +646,7 @@ class Association:
         self._reject(
             RejectResult.TRANSIENT,
             RejectSource.SERVICE_PROVIDER_PRESENTATION,
-            RejectReason.PRESENTATION_TEMPORARY_CONGESTION,
+            RejectReasonPresentation.TEMPORARY_CONGESTION,
             why,
             outcome="upstream_unavailable",
         )

@@ -60,7 +60,6 @@ def pdata(*pdvs: tuple[int, int, bytes]) -> memoryview:
 
 
 def test_c_echo_rq_matches_pynetdicom_byte_for_byte() -> None:
-    pytest.importorskip("pynetdicom")
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
     from pynetdicom.dimse_messages import C_ECHO_RQ

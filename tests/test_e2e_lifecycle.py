@@ -6,16 +6,13 @@ import signal
 import socket
 from pathlib import Path
 
-import pytest
 from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
 
 from tests.conftest import ProxyFactory
 from tests.data import write_ct_files
 from tests.peers import LOOPBACK, PynetdicomArchive, require_module, wait_until
-
-pytest.importorskip("pynetdicom")
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
 
 
 def _associate(port: int) -> object:

@@ -72,17 +72,27 @@ class RejectSource(IntEnum):
     SERVICE_PROVIDER_PRESENTATION = 3
 
 
-class RejectReason(IntEnum):
-    """PS3.8 9.3.4; the meaning depends on the source, hence the prefixes."""
+class RejectReasonUser(IntEnum):
+    """PS3.8 9.3.4, reasons when the source is 1 (service user)."""
 
-    USER_NO_REASON = 1
-    USER_APPLICATION_CONTEXT_NOT_SUPPORTED = 2
-    USER_CALLING_AE_NOT_RECOGNIZED = 3
-    USER_CALLED_AE_NOT_RECOGNIZED = 7
-    ACSE_NO_REASON = 1
-    ACSE_PROTOCOL_VERSION_NOT_SUPPORTED = 2
-    PRESENTATION_TEMPORARY_CONGESTION = 1
-    PRESENTATION_LOCAL_LIMIT_EXCEEDED = 2
+    NO_REASON = 1
+    APPLICATION_CONTEXT_NOT_SUPPORTED = 2
+    CALLING_AE_NOT_RECOGNIZED = 3
+    CALLED_AE_NOT_RECOGNIZED = 7
+
+
+class RejectReasonACSE(IntEnum):
+    """PS3.8 9.3.4, reasons when the source is 2 (service provider, ACSE)."""
+
+    NO_REASON = 1
+    PROTOCOL_VERSION_NOT_SUPPORTED = 2
+
+
+class RejectReasonPresentation(IntEnum):
+    """PS3.8 9.3.4, reasons when the source is 3 (service provider, presentation)."""
+
+    TEMPORARY_CONGESTION = 1
+    LOCAL_LIMIT_EXCEEDED = 2
 
 
 class AbortSource(IntEnum):

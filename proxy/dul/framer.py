@@ -50,7 +50,7 @@ class PDUFramer:
     own cap always applies.
     """
 
-    __slots__ = ("_buf", "_need", "_started", "max_associate_length", "max_pdata_length")
+    __slots__ = ("_buf", "_need", "_started", "error", "max_associate_length", "max_pdata_length")
 
     def __init__(
         self,
@@ -64,6 +64,9 @@ class PDUFramer:
         self._buf = bytearray()
         self._need = 0  # total size of the PDU being completed in _buf, 0 while its header is incomplete
         self._started = not sniff_foreign
+        self.error: RemotePDUError | None = None
+        """Set when a read held whole PDUs before a bad header: the caller handles those PDUs
+        first (an A-ABORT among them must be relayed as sent), then this error."""
 
     @property
     def buffered(self) -> int:
@@ -118,7 +121,20 @@ class PDUFramer:
         return True
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Whole PDUs completed by `data`. Raises RemotePDUError when the stream is broken and no
+        PDU came before the fault in this read; otherwise returns them and sets `error`."""
+        if self.error is not None:
+            raise self.error
         frames: list[Frame] = []
+        try:
+            self._feed(data, frames)
+        except RemotePDUError as exc:
+            if not frames:
+                raise
+            self.error = exc
+        return frames
+
+    def _feed(self, data: bytes | bytearray | memoryview, frames: list[Frame]) -> None:
         view = memoryview(data)
         n = len(view)
         off = 0
@@ -128,14 +144,14 @@ class PDUFramer:
                 probe = bytes(buf) + bytes(view[:4])
                 if probe and not self._sniff(probe):
                     buf += view
-                    return frames
+                    return
             # complete a PDU cut by the previous read
             if self._need == 0:
                 take = min(PDU_HEADER_LENGTH - len(buf), n)
                 buf += view[:take]
                 off = take
                 if len(buf) < PDU_HEADER_LENGTH:
-                    return frames
+                    return
                 pdu_type, _r, length = _HEADER.unpack_from(buf)
                 self._check(pdu_type, length)
                 self._need = PDU_HEADER_LENGTH + length
@@ -144,7 +160,7 @@ class PDUFramer:
                 buf += view[off : off + take]
                 off += take
                 if len(buf) < self._need:
-                    return frames
+                    return
                 frames.append(Frame(buf[0], memoryview(buf)))
                 self._buf = bytearray()
                 self._need = 0
@@ -161,4 +177,4 @@ class PDUFramer:
             off = end
         if off < n:
             self._buf = bytearray(view[off:])
-        return frames
+        return

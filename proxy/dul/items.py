@@ -77,6 +77,12 @@ class Item:
     item_type: ClassVar[int] = -1
 
     def encode(self) -> bytes:
+        try:
+            return self._encode()
+        except (struct.error, ValueError, OverflowError) as exc:
+            raise LocalPDUError(f"{type(self).__name__} holds a value out of range: {exc}") from exc
+
+    def _encode(self) -> bytes:
         raise NotImplementedError
 
     @classmethod
@@ -91,7 +97,7 @@ class UnknownItem(Item):
     type_code: int
     raw: bytes
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         return self.raw
 
 
@@ -99,7 +105,7 @@ class UnknownItem(Item):
 class _UIDItem(Item):
     uid: str
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         return _wrap(self.item_type, _encode_text(self.uid))
 
     @classmethod
@@ -146,7 +152,7 @@ class ImplementationVersionNameSubItem(Item):
     item_type: ClassVar[int] = ItemType.IMPLEMENTATION_VERSION_NAME
     name: str
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         return _wrap(self.item_type, _encode_text(self.name))
 
     @classmethod
@@ -177,7 +183,7 @@ class PresentationContextRQItem(Item):
     def transfer_syntaxes(self) -> tuple[str, ...]:
         return tuple(i.value for i in self.items if isinstance(i, TransferSyntaxSubItem))
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         body = bytes((self.context_id, 0, 0, 0)) + b"".join(i.encode() for i in self.items)
         return _wrap(self.item_type, body)
 
@@ -207,7 +213,7 @@ class PresentationContextACItem(Item):
                 return item.value
         return None
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         body = bytes((self.context_id, 0, self.result, 0)) + b"".join(i.encode() for i in self.items)
         return _wrap(self.item_type, body)
 
@@ -225,7 +231,7 @@ class MaximumLengthSubItem(Item):
     item_type: ClassVar[int] = ItemType.MAXIMUM_LENGTH
     max_length: int
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         return _wrap(self.item_type, _U32.pack(self.max_length))
 
     @classmethod
@@ -243,7 +249,7 @@ class AsynchronousOperationsWindowSubItem(Item):
     max_operations_invoked: int
     max_operations_performed: int
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         return _wrap(self.item_type, _U16U16.pack(self.max_operations_invoked, self.max_operations_performed))
 
     @classmethod
@@ -263,7 +269,7 @@ class SCPSCURoleSelectionSubItem(Item):
     scu_role: int
     scp_role: int
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         body = _prefixed(_encode_text(self.sop_class_uid)) + bytes((self.scu_role, self.scp_role))
         return _wrap(self.item_type, body)
 
@@ -283,7 +289,7 @@ class SOPClassExtendedNegotiationSubItem(Item):
     sop_class_uid: str
     application_info: bytes
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         return _wrap(self.item_type, _prefixed(_encode_text(self.sop_class_uid)) + self.application_info)
 
     @classmethod
@@ -305,7 +311,7 @@ class SOPClassCommonExtendedNegotiationSubItem(Item):
     related_general_sop_classes: tuple[str, ...] = ()
     version: int = 0
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         related = b"".join(_prefixed(_encode_text(uid)) for uid in self.related_general_sop_classes)
         body = (
             _prefixed(_encode_text(self.sop_class_uid))
@@ -351,7 +357,7 @@ class UserIdentityRQSubItem(Item):
             f"primary=<{len(self.primary)} bytes>, secondary=<{len(self.secondary)} bytes>)"
         )
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         body = (
             bytes((self.identity_type, int(self.positive_response_requested)))
             + _prefixed(self.primary)
@@ -381,7 +387,7 @@ class UserIdentityACSubItem(Item):
     def __repr__(self) -> str:
         return f"UserIdentityACSubItem(server_response=<{len(self.server_response)} bytes>)"
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         return _wrap(self.item_type, _prefixed(self.server_response))
 
     @classmethod
@@ -428,12 +434,16 @@ class UserInformationItem(Item):
             out.append(new)
         return UserInformationItem(tuple(out))
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         return _wrap(self.item_type, b"".join(i.encode() for i in self.items))
 
     @classmethod
     def parse_body(cls, body: memoryview, reserved: int) -> Item:
-        return cls(parse_items(body, _USER_SUBITEMS))
+        items = parse_items(body, _USER_SUBITEMS)
+        for kind in _SINGLE_USER_SUBITEMS:
+            if sum(isinstance(i, kind) for i in items) > 1:
+                raise _bad(f"user information holds more than one {kind.__name__}")
+        return cls(items)
 
 
 _I = TypeVar("_I", bound=Item)
@@ -458,6 +468,14 @@ _USER_SUBITEMS = _registry(
         UserIdentityRQSubItem,
         UserIdentityACSubItem,
     ]
+)
+_SINGLE_USER_SUBITEMS: tuple[type[Item], ...] = (
+    MaximumLengthSubItem,
+    ImplementationClassUIDSubItem,
+    AsynchronousOperationsWindowSubItem,
+    ImplementationVersionNameSubItem,
+    UserIdentityRQSubItem,
+    UserIdentityACSubItem,
 )
 RQ_ITEMS = _registry([ApplicationContextItem, PresentationContextRQItem, UserInformationItem])
 AC_ITEMS = _registry([ApplicationContextItem, PresentationContextACItem, UserInformationItem])

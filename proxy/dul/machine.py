@@ -26,6 +26,8 @@ class State(Enum):
     STA7_REQUESTOR_RELEASING = "Sta7-requestor"  # requestor's RELEASE-RQ relayed, awaiting RP
     STA7_ACCEPTOR_RELEASING = "Sta7-acceptor"  # acceptor's RELEASE-RQ relayed, awaiting RP
     STA9_RELEASE_COLLISION = "Sta9"  # both sides sent RELEASE-RQ
+    STA10_COLLISION_AWAITING_REQUESTOR_RP = "Sta10"  # collision; the acceptor's RP has been relayed
+    STA11_COLLISION_AWAITING_ACCEPTOR_RP = "Sta11"  # collision; the requestor's RP has been relayed
     STA13_CLOSING = "Sta13"  # RJ, last RP or A-ABORT relayed; waiting for the transports to close
 
 
@@ -62,8 +64,10 @@ _TABLE: dict[tuple[State, Side, int], tuple[Action, State]] = {
     (S.STA7_ACCEPTOR_RELEASING, REQ, P.A_RELEASE_RP): (A.FORWARD_AND_CLOSE, S.STA13_CLOSING),
     (S.STA7_ACCEPTOR_RELEASING, REQ, P.A_RELEASE_RQ): (A.FORWARD, S.STA9_RELEASE_COLLISION),
     # PS3.8 9.2.2 release collision: each RP answers the other side's RQ
-    (S.STA9_RELEASE_COLLISION, ACC, P.A_RELEASE_RP): (A.FORWARD, S.STA7_ACCEPTOR_RELEASING),
-    (S.STA9_RELEASE_COLLISION, REQ, P.A_RELEASE_RP): (A.FORWARD, S.STA7_REQUESTOR_RELEASING),
+    (S.STA9_RELEASE_COLLISION, ACC, P.A_RELEASE_RP): (A.FORWARD, S.STA10_COLLISION_AWAITING_REQUESTOR_RP),
+    (S.STA9_RELEASE_COLLISION, REQ, P.A_RELEASE_RP): (A.FORWARD, S.STA11_COLLISION_AWAITING_ACCEPTOR_RP),
+    (S.STA10_COLLISION_AWAITING_REQUESTOR_RP, REQ, P.A_RELEASE_RP): (A.FORWARD_AND_CLOSE, S.STA13_CLOSING),
+    (S.STA11_COLLISION_AWAITING_ACCEPTOR_RP, ACC, P.A_RELEASE_RP): (A.FORWARD_AND_CLOSE, S.STA13_CLOSING),
 }
 for _state in State:
     if _state is State.STA13_CLOSING:

@@ -68,6 +68,12 @@ class PDU:
     pdu_type: ClassVar[PDUType]
 
     def encode(self) -> bytes:
+        try:
+            return self._encode()
+        except (struct.error, ValueError, OverflowError) as exc:
+            raise LocalPDUError(f"{type(self).__name__} holds a value out of range: {exc}") from exc
+
+    def _encode(self) -> bytes:
         raise NotImplementedError
 
     @classmethod
@@ -131,7 +137,7 @@ class _AssociatePDU(PDU):
         info = self.user_information or UserInformationItem(())
         return self.with_user_information(info.replace(MaximumLengthSubItem, MaximumLengthSubItem(max_length)))
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         fixed = _ASSOC_FIXED.pack(
             self.protocol_version, 0, _encode_ae(self.called_ae), _encode_ae(self.calling_ae), self.reserved
         )
@@ -148,6 +154,12 @@ class _AssociatePDU(PDU):
             )
         version, _reserved, called, calling, reserved = _ASSOC_FIXED.unpack_from(body)
         items = parse_items(body[ASSOCIATE_FIXED_LENGTH:], cls._registry)
+        for kind in (ApplicationContextItem, UserInformationItem):
+            # Peers disagree on which duplicate wins; the proxy must not clamp or check the other one.
+            if sum(isinstance(i, kind) for i in items) > 1:
+                raise RemotePDUError(
+                    f"{cls.pdu_type.name} has more than one {kind.__name__}", source=2, reason=6
+                )
         return cls(version, _ae(called), _ae(calling), items, reserved)
 
 
@@ -182,7 +194,7 @@ class _FourBytePDU(PDU):
     def _body(self) -> bytes:
         return bytes(4)
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         return header(self.pdu_type, FIXED_PDU_BODY_LENGTH) + self._body()
 
     @classmethod
@@ -327,7 +339,7 @@ class PDataTF(PDU):
         parts = [_PDV_HEADER.pack(2 + len(frag), ctx, ctrl) + frag for ctx, ctrl, frag in pdvs]
         return cls(b"".join(parts))
 
-    def encode(self) -> bytes:
+    def _encode(self) -> bytes:
         return header(self.pdu_type, len(self.data)) + self.data
 
     @classmethod
