@@ -51,6 +51,11 @@ log = logging.getLogger("proxy.relay")
 WRITE_HIGH_WATER = 1024 * 1024
 """A leg's write buffer above this pauses reading on the other leg (a few max-size PDUs)."""
 
+QUICKACK_BELOW = 64 * 1024
+"""TCP_QUICKACK after reads smaller than this. A stall needs a small segment waiting for our ACK,
+which arrives as a small read; during bulk transfer reads are large, the kernel ACKs every second
+segment anyway, and the extra syscall per read would cost about a tenth of the relay's CPU."""
+
 CLOSE_GRACE = 2.0
 """Sta13: after our last PDU, how long we keep draining the peer before closing (D4C uses 1 s)."""
 
@@ -109,7 +114,7 @@ class Leg(asyncio.Protocol):
             self.assoc.client_connected(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.quickack_sock is not None:
+        if self.quickack_sock is not None and len(data) < QUICKACK_BELOW:
             # Legacy devices leave Nagle on; an immediate ACK spares them the 40 ms delayed-ACK stall.
             self.quickack_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         if not self.draining:
