@@ -22,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.errors import ProxyError
 
-__all__ = ["CA", "CA_CERT", "CA_KEY", "PKIExistsError", "init", "issue", "load_ca"]
+__all__ = ["CA", "CA_CERT", "CA_KEY", "PKIExistsError", "init", "issue", "load_ca", "load_certificate"]
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -103,6 +103,11 @@ def issue(
     return _issue_with(
         ca, out_dir, stem, cn, sans, client=client, days=days, not_before=not_before, not_after=not_after
     )
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    """The first PEM certificate in `path`."""
+    return x509.load_pem_x509_certificate(Path(path).read_bytes())
 
 
 def load_ca(ca_dir: Path) -> CA:

@@ -67,6 +67,46 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_issue(args: argparse.Namespace) -> int:
+    """One device certificate from the development CA in --ca (written by `certs init`)."""
+    from proxy import certs
+
+    ca_dir = Path(args.ca)
+    out_dir = Path(args.out) if args.out is not None else ca_dir
+    if not args.cn.strip():
+        print("error: --cn must not be empty", file=sys.stderr)
+        return 2
+    if args.days < 1:
+        print("error: --days must be at least 1", file=sys.stderr)
+        return 2
+    sans = [s.strip() for entry in args.san or [] for s in entry.split(",") if s.strip()]
+    try:
+        cert_path, key_path = certs.issue(
+            ca_dir, out_dir, args.cn, sans, client=args.client, days=args.days, name=args.name, force=args.force
+        )
+    except certs.PKIExistsError as exc:
+        print(f"error: {exc}".replace("(use force ", "(use --force "), file=sys.stderr)
+        return 1
+    except (ProxyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = exc.filename or ca_dir
+        print(f"error: cannot use the CA in {ca_dir} ({where}: {exc.strerror or exc}); "
+              "create one with `dicom-proxy certs init DIR`", file=sys.stderr)
+        return 1
+    usage = "client authentication only" if args.client else "server and client authentication"
+    ca_end = certs.load_ca(ca_dir).cert.not_valid_after_utc
+    if ca_end < certs.load_certificate(cert_path).not_valid_after_utc:
+        print(f"warning: the CA expires on {ca_end:%Y-%m-%d}, before this certificate does; "
+              "peers will reject it from then on", file=sys.stderr)
+    print(f"{'certificate':>16}: {cert_path}")
+    print(f"{'key':>16}: {key_path}")
+    print(f"{'ca':>16}: {ca_dir / certs.CA_CERT}")
+    print(f"issued CN={args.cn} for {usage}, valid {args.days} day(s); development certificates only")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy import demo
 
@@ -94,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("directory")
     init.add_argument("--force", action="store_true", help="overwrite an existing CA")
     init.set_defaults(func=cmd_certs_init)
+    issue = certs_sub.add_parser("issue", help="issue one device certificate from a development CA")
+    issue.add_argument("--ca", required=True, metavar="DIR", help="folder written by `certs init`")
+    issue.add_argument("--cn", required=True, metavar="NAME", help="subject common name (e.g. the device name)")
+    issue.add_argument("--san", action="append", metavar="NAME",
+                       help="subject alternative name: a DNS name or IP address (DNS:/IP: prefixes accepted); "
+                            "repeat it or separate with commas")
+    issue.add_argument("--client", action="store_true",
+                       help="client-only certificate (a modality); default: server and client")
+    issue.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    issue.add_argument("--out", metavar="DIR", help="where to write NAME.pem and NAME.key (default: the CA folder)")
+    issue.add_argument("--name", metavar="STEM", help="file name stem (default: derived from --cn)")
+    issue.add_argument("--force", action="store_true", help="overwrite existing files")
+    issue.set_defaults(func=cmd_certs_issue)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo (TLS-only archive, proxy, sample images)")
     demo.add_argument("--workdir", default="demo-run")

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -18,6 +19,8 @@ from cryptography.hazmat.primitives import serialization
 
 from proxy.dul.constants import AE_TITLE_LENGTH, DEFAULT_MAX_ASSOCIATE_LENGTH, DEFAULT_MAX_PDU_LENGTH
 from proxy.errors import ConfigError, ConfigErrors, Location
+from proxy.policy.loader import check_references, expand_rule_path, load_rules
+from proxy.policy.model import RuleSet
 from proxy.yamlsrc import Collector, MapNode, Node, ScalarNode, describe, parse, read_text
 
 
@@ -30,12 +33,36 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+TLSProfileName = Literal["bcp195-nd", "bcp195", "bcp195-ex", "tls13-only"]
+TLS_PROFILE_NAMES: tuple[TLSProfileName, ...] = ("bcp195-nd", "bcp195", "bcp195-ex", "tls13-only")
+"""PS3.15 Annex B profiles; proxy.tls.PROFILES holds what each one allows (versions, suites)."""
+DEFAULT_TLS_PROFILE: TLSProfileName = "bcp195-nd"
+
+PinKind = Literal["cert", "spki"]
+
+
+@dataclass(frozen=True)
+class CertPin:
+    """A pinned SHA-256 of the peer's leaf certificate (`cert`, DER) or of its public key (`spki`,
+    the DER SubjectPublicKeyInfo). An spki pin survives a renewal that keeps the key pair."""
+
+    kind: PinKind
+    sha256: str  # 64 lowercase hex digits
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.sha256}"
+
+
 @dataclass(frozen=True)
 class UpstreamTLS:
     ca: Path | None = None  # trust anchors; None = the system store
     cert: Path | None = None  # optional client certificate ...
     key: Path | None = None  # ... and its key
     server_name: str | None = None  # SNI and hostname check; None = the host of the address
+    profile: TLSProfileName = DEFAULT_TLS_PROFILE
+    pin_sha256: tuple[CertPin, ...] = ()  # any one must match the archive's leaf (checked by the relay)
+    insecure_skip_verify: bool = False  # no chain or host name check; the loader warns about it
+    passphrase_file: Path | None = None  # passphrase of an encrypted `key`; read when the context is built
 
 
 @dataclass(frozen=True)
@@ -52,10 +79,29 @@ class Upstream:
         return self.tls.server_name or self.address.host
 
 
+def _no_bindings() -> Mapping[str, frozenset[str]]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class ListenerTLS:
+    """TLS on a listener: the proxy is the TLS server, modalities are the clients."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # trust anchors for client certificates; None = none are asked for
+    require_client_cert: bool = False  # the loader defaults it to True when client_ca is given
+    profile: TLSProfileName = DEFAULT_TLS_PROFILE
+    # certificate name (CN or any SAN, as cert_name_key() normalises it) -> AE titles it may call as
+    bind_ae: Mapping[str, frozenset[str]] = field(default_factory=_no_bindings)
+    passphrase_file: Path | None = None  # passphrase of an encrypted `key`
+
+
 @dataclass(frozen=True)
 class Listener:
     name: str
     address: Address
+    tls: ListenerTLS | None = None  # None = plaintext listener
 
 
 @dataclass(frozen=True)
@@ -77,6 +123,10 @@ class ProxyConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_pdu_length: int = DEFAULT_MAX_PDU_LENGTH  # P in standards.md section 4
     max_associate_length: int = DEFAULT_MAX_ASSOCIATE_LENGTH
+    # `path:line:col: warning: ...` lines the loader found (e.g. insecure_skip_verify): log them at every start
+    warnings: tuple[str, ...] = ()
+    # `rules:` (proxy.policy): None = no rule files, every association is accepted and routed as before
+    rules: RuleSet | None = None
 
     def upstream_for(self, called_ae: str) -> Upstream | None:
         """Route by called AE title (trailing/leading spaces are padding), else the default."""
@@ -94,10 +144,11 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 """A week: longer is a typo, and asyncio timers far in the future gain nothing."""
 
 TOP_KEYS = ("listeners", "upstreams", "routes", "default_upstream", "timeouts", "max_pdu_length",
-            "max_associate_length")
-LISTENER_KEYS = ("name", "address")
+            "max_associate_length", "rules")
+LISTENER_KEYS = ("name", "address", "tls")
 UPSTREAM_KEYS = ("address", "tls")
-TLS_KEYS = ("ca", "cert", "key", "server_name")
+TLS_KEYS = ("ca", "cert", "key", "server_name", "profile", "pin_sha256", "insecure_skip_verify", "passphrase_file")
+LISTENER_TLS_KEYS = ("cert", "key", "client_ca", "require_client_cert", "profile", "bind_ae", "passphrase_file")
 TIMEOUT_KEYS = ("artim", "connect", "acse", "idle", "shutdown")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -163,6 +214,50 @@ def parse_address(text: str, *, allow_any_port: bool = False) -> Address:
     return Address(host, port)
 
 
+_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def parse_pin(text: str) -> CertPin:
+    """`cert:<hex>` or `spki:<hex>`: 64 hex digits of a SHA-256, in any case, colons allowed
+    (as `openssl x509 -noout -fingerprint -sha256` prints them). ValueError in admin words."""
+    kind, sep, digest = text.strip().partition(":")
+    kind = kind.strip().lower()
+    if not sep or kind not in ("cert", "spki"):
+        raise ValueError(f"{text!r}: write 'cert:<sha256 hex>' (the certificate) or 'spki:<sha256 hex>' "
+                         "(its public key)")
+    digits = digest.replace(":", "").strip().lower()
+    if not _HEX_SHA256.fullmatch(digits):
+        raise ValueError(f"{text!r}: expected 64 hexadecimal digits (a SHA-256) after '{kind}:', "
+                         f"got {len(digits)} characters")
+    pin_kind: PinKind = "cert" if kind == "cert" else "spki"
+    return CertPin(pin_kind, digits)
+
+
+def cert_name_key(name: str) -> str:
+    """How bind_ae keys and certificate names are compared: IP addresses in canonical form
+    (10.0.0.7, 2001:db8::1), everything else without regard to case."""
+    text = name.strip()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text.casefold()
+
+
+def read_passphrase(path: Path) -> bytes:
+    """The passphrase in `path`: its bytes without one trailing newline. Never log the result.
+
+    Raises OSError when unreadable and ValueError when empty.
+    """
+    data = path.read_bytes()
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    if not data:
+        raise ValueError(f"{path} is empty")
+    return data
+
+
 def check_ae_title(text: str) -> str:
     """Validate an AE title (PS3.5 VR AE) and return it without its space padding."""
     if any(ord(ch) > 126 for ch in text):
@@ -186,6 +281,10 @@ class _Reader:
         self.check = check
         self.path = path
         self.base = base
+        self.tls_warnings: list[str] = []  # `path:line:col: warning: ...`, for ProxyConfig.warnings
+
+    def warn(self, node: Node, message: str) -> None:
+        self.tls_warnings.append(f"{node.loc}: warning: {message}")
 
     def top(self, root: Node) -> ProxyConfig | None:
         c = self.check
@@ -227,6 +326,13 @@ class _Reader:
         if node is not None:
             max_assoc = self.length(node, "'max_associate_length'") or max_assoc
 
+        rules: RuleSet | None = None
+        rule_warnings: tuple[str, ...] = ()
+        node = top.get("rules")
+        if node is not None:
+            names = {listener.name for listener in listeners} if listeners is not None else None
+            rules, rule_warnings = self.rules(node, known if upstreams is not None else None, names)
+
         if listeners is None or upstreams is None:
             return None
         return ProxyConfig(
@@ -238,7 +344,55 @@ class _Reader:
             timeouts=timeouts,
             max_pdu_length=max_pdu,
             max_associate_length=max_assoc,
+            warnings=tuple(self.tls_warnings) + rule_warnings,
+            rules=rules,
         )
+
+    # Rules ------------------------------------------------------------------------------
+
+    def rules(
+        self, node: Node, upstreams: set[str] | None, listeners: set[str] | None
+    ) -> tuple[RuleSet | None, tuple[str, ...]]:
+        """`rules:` -> one RuleSet from the listed files, in order (a glob's matches sorted; a glob
+        may match nothing, a plain path must exist), with `upstream:` names and `listener` values
+        checked against this file. Returns the rule set and its warning lines."""
+        c = self.check
+        items: tuple[Node, ...]
+        if isinstance(node, ScalarNode):
+            items = (node,)
+        else:
+            seq = c.sequence(node, "'rules'")
+            if seq is None:
+                return None, ()
+            items = seq.items
+        paths: list[Path] = []
+        ok = True
+        for item in items:
+            text = c.string(item, "a rule file path")
+            if text is None:
+                ok = False
+                continue
+            try:
+                paths.extend(expand_rule_path(text, base_dir=self.base))
+            except ValueError as exc:
+                c.add(item, str(exc))
+                ok = False
+        if not ok:
+            return None, ()
+        if not paths:
+            c.add(node, "'rules' names no rule file (every pattern matched nothing); the first file must "
+                        "exist and set 'default'")
+            return None, ()
+        try:
+            ruleset, warnings = load_rules(paths, base_dir=self.base, display_dir=self.path.parent)
+        except ConfigErrors as exc:
+            c.errors.extend(exc.errors)
+            return None, ()
+        errors = check_references(ruleset, upstreams=upstreams, listeners=listeners)
+        if errors:
+            c.errors.extend(errors)
+            return None, ()
+        return ruleset, tuple(str(w) for w in warnings)
 
     # Listeners --------------------------------------------------------------------------
 
@@ -280,14 +434,190 @@ class _Reader:
         m = c.mapping(node, "a listener")
         if m is None:
             return None
-        c.keys(m, "a listener", required=LISTENER_KEYS)
+        c.keys(m, "a listener", required=LISTENER_KEYS[:2], optional=LISTENER_KEYS[2:])
         name_node, address_node = m.get("name"), m.get("address")
         name = self.name(name_node, "listener") if name_node is not None else None
         what = f"the address of listener {name!r}" if name else "the listener address"
         address = self.address(address_node, what, listener=True) if address_node is not None else None
-        if name is None or address is None:
+        tls: ListenerTLS | None = None
+        tls_node = m.get("tls")
+        if tls_node is not None:
+            tls = self.listener_tls(tls_node, f"listener {name!r}" if name else "the listener")
+        if name is None or address is None or (tls_node is not None and tls is None):
             return None
-        return Listener(name, address)
+        return Listener(name, address, tls)
+
+    def listener_tls(self, node: Node, owner: str) -> ListenerTLS | None:
+        c = self.check
+        what = f"'tls' of {owner}"
+        if isinstance(node, ScalarNode) and node.value is None:
+            c.add(node, f"{what} is empty: a TLS listener needs at least 'cert' and 'key' "
+                        "(remove the key for a plaintext listener)")
+            return None
+        m = c.mapping(node, what)
+        if m is None:
+            return None
+        ok = c.keys(m, what, required=LISTENER_TLS_KEYS[:2], optional=LISTENER_TLS_KEYS[2:])
+        paths = self.tls_files(m, what, ("cert", "key", "client_ca", "passphrase_file"))
+        ok = ok and paths is not None
+        paths = paths or {}
+        profile = self.profile(m, what)
+        ok = ok and profile is not None
+        require: bool | None = "client_ca" in m
+        require_node = m.get("require_client_cert")
+        if require_node is not None:
+            require = self.boolean(require_node, f"'require_client_cert' in {what}")
+            if require and "client_ca" not in m:
+                c.add(require_node, f"'require_client_cert' in {what} needs 'client_ca' to verify the client "
+                                    "certificates")
+                ok = False
+        ok = ok and require is not None
+        bind_ae: dict[str, frozenset[str]] = {}
+        bind_node = m.get("bind_ae")
+        if bind_node is not None:
+            bound = self.bind_ae(bind_node, what)
+            ok = ok and bound is not None
+            bind_ae = bound or {}
+            key_node = m.key_node("bind_ae")
+            if "client_ca" not in m and key_node is not None:
+                c.add(key_node, f"'bind_ae' in {what} needs 'client_ca': only verified client certificates "
+                                "can be bound to AE titles")
+                ok = False
+        cert, key, ca, passphrase = paths.get("cert"), paths.get("key"), paths.get("client_ca"), \
+            paths.get("passphrase_file")
+        if ca is not None:
+            ok = self.check_ca(m, ca, "client_ca") and ok
+        if cert is not None and key is not None:
+            ok = self.check_pair(m, cert, key, passphrase) and ok
+        if not ok or cert is None or key is None or profile is None or require is None:
+            return None
+        return ListenerTLS(
+            cert=cert,
+            key=key,
+            client_ca=ca,
+            require_client_cert=require,
+            profile=profile,
+            bind_ae=MappingProxyType(bind_ae),
+            passphrase_file=passphrase,
+        )
+
+    def tls_files(self, m: MapNode, what: str, names: tuple[str, ...]) -> dict[str, Path] | None:
+        """The file keys present in `m`, resolved and readable; None (errors recorded) otherwise."""
+        out: dict[str, Path] = {}
+        ok = True
+        for field_name in names:
+            value = m.get(field_name)
+            if value is None:
+                continue
+            path = self.file(value, f"'{field_name}' in {what}")
+            if path is None:
+                ok = False
+            else:
+                out[field_name] = path
+        return out if ok else None
+
+    def profile(self, m: MapNode, what: str) -> TLSProfileName | None:
+        node = m.get("profile")
+        if node is None:
+            return DEFAULT_TLS_PROFILE
+        text = self.check.string(node, f"'profile' in {what}")
+        if text is None:
+            return None
+        for name in TLS_PROFILE_NAMES:
+            if text == name:
+                return name
+        names = ", ".join(repr(n) for n in TLS_PROFILE_NAMES)
+        self.check.add(node, f"unknown TLS profile {text!r} in {what} (expected one of: {names})")
+        return None
+
+    def boolean(self, node: Node, what: str) -> bool | None:
+        """Only `true` or `false` as written: YAML 1.1's yes/no/on/off are too easy to misread."""
+        if isinstance(node, ScalarNode) and isinstance(node.value, bool) and node.text in ("true", "false"):
+            return node.value
+        self.check.add(node, f"{what} must be true or false, got {describe(node)}")
+        return None
+
+    def bind_ae(self, node: Node, what: str) -> dict[str, frozenset[str]] | None:
+        c = self.check
+        where = f"'bind_ae' in {what}"
+        m = c.mapping(node, where)
+        if m is None:
+            return None
+        if not m.entries:
+            c.add(m, f"{where} must not be empty (remove it to let every trusted certificate use any AE title)")
+            return None
+        out: dict[str, frozenset[str]] = {}
+        seen: dict[str, ScalarNode] = {}
+        ok = True
+        for key, value in m:
+            if not isinstance(key.value, str) or not key.value.strip():
+                c.add(key, f"a certificate name in {where} must be a non-empty string (a CN or SAN); "
+                           f"quote it: \"{key.text}\"")
+                ok = False
+                continue
+            name = cert_name_key(key.value)
+            titles = self.ae_titles(value, f"the AE titles of {key.value!r} in {where}")
+            if titles is None:
+                ok = False
+                continue
+            if name in seen:
+                c.add(key, f"certificate name {key.value!r} is already bound at line {seen[name].loc.line} "
+                           "(names are compared without regard to case)")
+                ok = False
+                continue
+            seen[name] = key
+            out[name] = titles
+        return out if ok else None
+
+    def ae_titles(self, node: Node, what: str) -> frozenset[str] | None:
+        """One AE title or a non-empty list of them."""
+        if isinstance(node, ScalarNode):
+            items: tuple[Node, ...] = (node,)
+        else:
+            seq = self.check.sequence(node, what)
+            if seq is None:
+                return None
+            items = seq.items
+        titles: set[str] = set()
+        ok = True
+        for item in items:
+            if not isinstance(item, ScalarNode):
+                self.check.add(item, f"{what}: an AE title must be a string, got {describe(item)}")
+                ok = False
+                continue
+            title = self.ae_title(item)
+            if title is None:
+                ok = False
+            else:
+                titles.add(title)
+        return frozenset(titles) if ok else None
+
+    def pins(self, node: Node, what: str) -> tuple[CertPin, ...] | None:
+        """One pin or a non-empty list of them (two during a certificate rotation)."""
+        where = f"'pin_sha256' in {what}"
+        if isinstance(node, ScalarNode):
+            items: tuple[Node, ...] = (node,)
+        else:
+            seq = self.check.sequence(node, where)
+            if seq is None:
+                return None
+            items = seq.items
+        pins: list[CertPin] = []
+        ok = True
+        for item in items:
+            text = self.check.string(item, where)
+            if text is None:
+                ok = False
+                continue
+            try:
+                pin = parse_pin(text)
+            except ValueError as exc:
+                self.check.add(item, f"{where}: {exc}")
+                ok = False
+                continue
+            if pin not in pins:
+                pins.append(pin)
+        return tuple(pins) if ok else None
 
     # Upstreams --------------------------------------------------------------------------
 
@@ -341,11 +671,33 @@ class _Reader:
             return None
         ok = c.keys(m, what, optional=TLS_KEYS)
         paths: dict[str, Path | None] = {}
-        for field_name in ("ca", "cert", "key"):
+        for field_name in ("ca", "cert", "key", "passphrase_file"):
             value = m.get(field_name)
             paths[field_name] = self.file(value, f"'{field_name}' in {what}") if value is not None else None
             if value is not None and paths[field_name] is None:
                 ok = False
+        profile = self.profile(m, what)
+        ok = ok and profile is not None
+        pins: tuple[CertPin, ...] | None = ()
+        pin_node = m.get("pin_sha256")
+        if pin_node is not None:
+            pins = self.pins(pin_node, what)
+            ok = ok and pins is not None
+        insecure: bool | None = False
+        insecure_node = m.get("insecure_skip_verify")
+        if insecure_node is not None:
+            insecure = self.boolean(insecure_node, f"'insecure_skip_verify' in {what}")
+            ok = ok and insecure is not None
+        if insecure:
+            assert insecure_node is not None
+            checked = ("only the pinned 'pin_sha256' is checked" if pins
+                       else "anyone on the network path can impersonate it")
+            self.warn(insecure_node, f"{owner}: insecure_skip_verify is on: its certificate chain and host name "
+                                     f"are NOT verified; {checked}")
+        passphrase_key = m.key_node("passphrase_file")
+        if passphrase_key is not None and "key" not in m:
+            c.add(passphrase_key, f"{what} has 'passphrase_file' but no 'key' to decrypt")
+            ok = False
         server_name: str | None = None
         sn = m.get("server_name")
         if sn is not None:
@@ -359,17 +711,26 @@ class _Reader:
             if present is not None and need not in m:
                 c.add(present, f"{what} has '{have}' but no '{need}': a client certificate needs both")
                 ok = False
-        ca, cert, key = paths["ca"], paths["cert"], paths["key"]
+        ca, cert, key, passphrase = paths["ca"], paths["cert"], paths["key"], paths["passphrase_file"]
         if ca is not None:
             ok = self.check_ca(m, ca) and ok
         if cert is not None and key is not None:
-            ok = self.check_pair(m, cert, key) and ok
-        if not ok:
+            ok = self.check_pair(m, cert, key, passphrase) and ok
+        if not ok or profile is None or pins is None or insecure is None:
             return None
-        return UpstreamTLS(ca=ca, cert=cert, key=key, server_name=server_name)
+        return UpstreamTLS(
+            ca=ca,
+            cert=cert,
+            key=key,
+            server_name=server_name,
+            profile=profile,
+            pin_sha256=pins,
+            insecure_skip_verify=insecure,
+            passphrase_file=passphrase,
+        )
 
-    def check_ca(self, m: MapNode, ca: Path) -> bool:
-        node = m.get("ca")
+    def check_ca(self, m: MapNode, ca: Path, key_name: str = "ca") -> bool:
+        node = m.get(key_name)
         assert node is not None
         try:
             x509.load_pem_x509_certificates(ca.read_bytes())
@@ -378,7 +739,7 @@ class _Reader:
             return False
         return True
 
-    def check_pair(self, m: MapNode, cert_path: Path, key_path: Path) -> bool:
+    def check_pair(self, m: MapNode, cert_path: Path, key_path: Path, passphrase_file: Path | None = None) -> bool:
         """Catch a wrong, encrypted or mismatched key now rather than at the first association."""
         cert_node, key_node = m.get("cert"), m.get("key")
         assert cert_node is not None and key_node is not None
@@ -387,14 +748,38 @@ class _Reader:
         except (ValueError, OSError):
             self.check.add(cert_node, f"{cert_path} does not contain a PEM certificate")
             return False
+        password: bytes | None = None
+        if passphrase_file is not None:
+            passphrase_node = m.get("passphrase_file")
+            assert passphrase_node is not None
+            try:
+                password = read_passphrase(passphrase_file)
+            except (OSError, ValueError) as exc:
+                words = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                self.check.add(passphrase_node, f"cannot use the passphrase file {passphrase_file}: {words}")
+                return False
+            if passphrase_file.stat().st_mode & 0o077:
+                self.warn(passphrase_node, f"{passphrase_file} is readable by other users; chmod 600 it")
         try:
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        except TypeError:  # cryptography's way to say "this key needs a password"
-            self.check.add(key_node, f"{key_path} is encrypted; the proxy needs an unencrypted key "
-                                     "(protect it with file permissions)")
+            key_bytes = key_path.read_bytes()
+        except OSError as exc:
+            self.check.add(key_node, f"cannot read {key_path}: {exc.strerror or exc}")
             return False
-        except (ValueError, OSError, UnsupportedAlgorithm):
-            self.check.add(key_node, f"{key_path} does not contain a PEM private key")
+        try:
+            key = serialization.load_pem_private_key(key_bytes, password=password)
+        except TypeError:  # cryptography's way to say "needs a password" or "is not encrypted"
+            if password is None:
+                self.check.add(key_node, f"{key_path} is encrypted; set 'passphrase_file' to a file holding its "
+                                         "passphrase, or use an unencrypted key (protect it with file permissions)")
+            else:
+                self.check.add(key_node, f"{key_path} is not encrypted; remove 'passphrase_file'")
+            return False
+        except (ValueError, UnsupportedAlgorithm):
+            if password is not None and b"ENCRYPTED" in key_bytes:
+                self.check.add(key_node, f"cannot decrypt {key_path} with the passphrase in {passphrase_file} "
+                                         "(wrong passphrase?)")
+            else:
+                self.check.add(key_node, f"{key_path} does not contain a PEM private key")
             return False
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
@@ -518,15 +903,23 @@ class _Reader:
 
 
 __all__ = [
+    "DEFAULT_TLS_PROFILE",
+    "TLS_PROFILE_NAMES",
     "Address",
+    "CertPin",
     "ConfigErrors",
     "Listener",
+    "ListenerTLS",
     "ProxyConfig",
+    "TLSProfileName",
     "Timeouts",
     "Upstream",
     "UpstreamTLS",
+    "cert_name_key",
     "check_ae_title",
     "load",
     "load_text",
     "parse_address",
+    "parse_pin",
+    "read_passphrase",
 ]

@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from proxy import tls
-from proxy.config import ProxyConfig, Upstream
+from proxy.config import Listener, ProxyConfig, Upstream
 from proxy.dul.constants import (
     APPLICATION_CONTEXT_NAME,
     AbortReason,
@@ -41,7 +41,7 @@ from proxy.dul.items import PresentationContextACItem, UserIdentityRQSubItem
 from proxy.dul.machine import Action, Side, State, advance
 from proxy.dul.pdus import AAbort, AAssociateAC, AAssociateRJ, AAssociateRQ, check_pdvs, iter_pdvs, parse_pdu
 from proxy.errors import RemotePDUError
-from proxy.policy.model import AssociationFacts, Decision, DimseFacts, IdentityFacts
+from proxy.policy.model import AssociationFacts, CertFacts, Decision, DimseFacts, IdentityFacts
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -173,14 +173,16 @@ class Association:
         self,
         *,
         config: ProxyConfig,
-        listener_name: str,
+        listener: Listener,
         routes: Mapping[str, UpstreamRoute],
         on_done: Callable[[Association], None],
         quickack: bool = True,
     ) -> None:
         self.id = f"a{next(_ids)}"
         self.config = config
-        self.listener_name = listener_name
+        self.listener = listener
+        self.listener_name = listener.name
+        self.client_cert: CertFacts | None = None  # a verified client certificate (TLS listeners)
         self.routes = routes
         self.on_done = on_done
         self.quickack = quickack
@@ -256,6 +258,8 @@ class Association:
         if isinstance(peer, tuple):
             host, port = peer[0], peer[1]
             self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if leg.transport is not None and self.listener.tls is not None:
+            self.client_cert = tls.cert_facts(leg.transport.get_extra_info("ssl_object"))
         self._arm(self.config.timeouts.artim, self._artim_expired)
         log.debug("%s: connection on listener %s", self._who(), self.listener_name)
 
@@ -463,6 +467,18 @@ class Association:
                          f"application context {rq.application_context!r} is not DICOM's")
             return
         self.rq = rq
+        if self.listener.tls is not None and self.listener.tls.bind_ae:
+            allowed = tls.bound_ae_titles(self.listener.tls.bind_ae, self.client_cert)
+            if allowed is not None and self.calling_ae not in allowed:
+                cert = self.client_cert
+                who = (
+                    f"certificate CN={cert.subject_cn!r} sha256={cert.fingerprint_sha256}" if cert else "no certificate"
+                )
+                self._reject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
+                             RejectReasonUser.CALLING_AE_NOT_RECOGNIZED,
+                             f"calling AE title {self.calling_ae!r} is not bound to {who} "
+                             f"(bind_ae allows {sorted(allowed) or 'none'})")
+                return
         upstream_names: tuple[str, ...] = ()
         rules = getattr(self.config, "rules", None)  # TODO: ProxyConfig.rules once the loader lands
         if rules is not None:
@@ -518,6 +534,7 @@ class Association:
         return AssociationFacts(
             source=source,
             listener=self.listener_name,
+            client_cert=self.client_cert,
             calling_ae=self.calling_ae,
             called_ae=self.called_ae,
             abstract_syntaxes=tuple(pc.abstract_syntax for pc in contexts if pc.abstract_syntax),
@@ -540,7 +557,9 @@ class Association:
                     ssl_handshake_timeout=timeout if route.ssl_context else None,
                 )
         except ssl.SSLError as exc:
-            _label, words = tls.describe_tls_error(exc, server_name=route.server_hostname)
+            _label, words = tls.describe_tls_error(
+                exc, server_name=route.server_hostname, profile=up.tls.profile if up.tls else None
+            )
             self._reject_transient(f"TLS to upstream {up.name} ({up.address}) failed: {words}", "tls")
             return
         except TimeoutError:
@@ -556,6 +575,13 @@ class Association:
         if self._done or self.state is not State.STA5_AWAITING_AC:
             leg.abort_now()
             return
+        if up.tls is not None and up.tls.pin_sha256:
+            sslobj = leg.transport.get_extra_info("ssl_object") if leg.transport else None
+            if not tls.check_pin(sslobj, up.tls.pin_sha256):
+                _label, words = tls.describe_pin_mismatch(sslobj)
+                leg.abort_now()
+                self._reject_transient(f"TLS to upstream {up.name} ({up.address}) failed: {words}", "tls")
+                return
         self.legs[Side.ACCEPTOR] = leg
         client_max = rq.max_length
         to_upstream = _clamp(client_max, self.config.max_pdu_length)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import socket
+import ssl
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from proxy import config as config_mod
 from proxy import tls
@@ -25,67 +30,160 @@ def build_routes(config: ProxyConfig) -> dict[str, UpstreamRoute]:
             log.warning("upstream %s (%s) is plaintext: DICOM traffic to it is not encrypted", name, upstream.address)
             routes[name] = UpstreamRoute(upstream, None)
         else:
+            if upstream.tls.insecure_skip_verify:
+                log.warning("upstream %s: certificate verification is OFF (insecure_skip_verify)", name)
             routes[name] = UpstreamRoute(upstream, tls.upstream_context(upstream.tls))
     return routes
+
+
+def build_listener_contexts(config: ProxyConfig) -> dict[str, ssl.SSLContext]:
+    return {lst.name: tls.listener_context(lst.tls) for lst in config.listeners if lst.tls is not None}
+
+
+def log_warnings(config: ProxyConfig) -> None:
+    for warning in (*config.warnings, *tls.expiry_warnings(config)):
+        log.warning("%s", warning)
+
+
+def _shown(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class RelayServer:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.routes = build_routes(config)
+        self.listener_contexts = build_listener_contexts(config)
         self.live: set[Association] = set()
         self._servers: list[asyncio.Server] = []
+        self._tls_sockets: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.bound: dict[str, tuple[str, int]] = {}
 
-    def _new_leg(self, listener: Listener) -> Leg:
+    def _new_association(self, listener: Listener) -> Association:
         assoc = Association(
-            config=self.config, listener_name=listener.name, routes=self.routes, on_done=self._association_done
+            config=self.config, listener=listener, routes=self.routes, on_done=self._association_done
         )
         self.live.add(assoc)
         self._idle.clear()
-        return Leg(assoc, Side.REQUESTOR)
+        return assoc
+
+    def _new_leg(self, listener: Listener) -> Leg:
+        return Leg(self._new_association(listener), Side.REQUESTOR)
 
     def _association_done(self, assoc: Association) -> None:
         self.live.discard(assoc)
         if not self.live:
             self._idle.set()
 
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        log_warnings(self.config)
         for listener in self.config.listeners:
-            server = await loop.create_server(
-                lambda listener=listener: self._new_leg(listener),  # type: ignore[misc]
-                listener.address.host,
-                listener.address.port,
-                reuse_address=True,
-                backlog=256,
-            )
-            self._servers.append(server)
-            for sock in server.sockets:
-                host, port = sock.getsockname()[:2]
-                self.bound[listener.name] = (host, port)
-                shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                log.info("listening on %s (listener %s)", shown, listener.name)
+            host, port = listener.address.host, listener.address.port
+            if listener.tls is None:
+                server = await loop.create_server(
+                    lambda listener=listener: self._new_leg(listener),  # type: ignore[misc]
+                    host,
+                    port,
+                    reuse_address=True,
+                    backlog=256,
+                )
+                self._servers.append(server)
+                sockets = [s.getsockname()[:2] for s in server.sockets]
+            else:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                lsock = socket.create_server((host, port), family=family, backlog=256, reuse_port=False)
+                lsock.setblocking(False)
+                self._tls_sockets.append(lsock)
+                sockets = [lsock.getsockname()[:2]]
+                self._spawn(self._accept_tls(listener, lsock), f"accept-{listener.name}")
+            for bound_host, bound_port in sockets:
+                self.bound[listener.name] = (bound_host, bound_port)
+                kind = f"TLS, profile {listener.tls.profile}" if listener.tls else "plaintext"
+                log.info("listening on %s (listener %s, %s)", _shown(bound_host, bound_port), listener.name, kind)
+
+    # ---- TLS listeners: peek before the handshake, so plaintext DICOM can be named ----------
+    async def _accept_tls(self, listener: Listener, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(lsock)
+            except OSError as exc:
+                if lsock.fileno() < 0:
+                    return
+                log.warning("listener %s: accept failed: %s", listener.name, exc)
+                continue
+            self._spawn(self._start_tls(listener, conn, addr), f"tls-{listener.name}")
+
+    async def _start_tls(self, listener: Listener, conn: socket.socket, addr: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        peer = _shown(addr[0], addr[1])
+        conn.setblocking(False)
+        timeout = self.config.timeouts.artim
+        try:
+            async with asyncio.timeout(timeout):
+                first = await _peek(loop, conn)
+        except (TimeoutError, OSError):
+            conn.close()
+            return
+        if not first:
+            conn.close()
+            return
+        if first[:1] == b"\x01" or tls.sniff_plain_dicom_on_tls(first):
+            _label, words = tls.describe_plain_dicom_on_tls(listener.name)
+            log.warning("%s: %s", peer, words)
+            conn.close()
+            return
+        ctx = self.listener_contexts.get(listener.name)
+        if ctx is None:
+            conn.close()
+            return
+        created: list[Association] = []
+
+        def factory() -> Leg:
+            assoc = self._new_association(listener)
+            created.append(assoc)
+            return Leg(assoc, Side.REQUESTOR)
+
+        try:
+            await loop.connect_accepted_socket(factory, conn, ssl=ctx, ssl_handshake_timeout=timeout)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            profile = listener.tls.profile if listener.tls else None
+            _label, words = tls.describe_listener_tls_error(exc, profile)
+            log.warning("%s: TLS handshake on listener %s failed: %s", peer, listener.name, words)
+            for assoc in created:
+                self._association_done(assoc)
+            with contextlib.suppress(OSError):
+                conn.close()
 
     def reload(self, path: Path) -> bool:
         """Swap in a new config for new associations; live ones keep the one they started with."""
         try:
             new = config_mod.load(path)
             routes = build_routes(new)
+            contexts = build_listener_contexts(new)
         except ConfigErrors as exc:
             log.error("reload failed, keeping the running configuration:\n%s", exc)
             return False
-        except (ProxyError, OSError, ValueError) as exc:
+        except (ProxyError, OSError, ValueError, ssl.SSLError) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return False
-        if [(lst.name, lst.address) for lst in new.listeners] != [
-            (lst.name, lst.address) for lst in self.config.listeners
+        if [(lst.name, lst.address, lst.tls is None) for lst in new.listeners] != [
+            (lst.name, lst.address, lst.tls is None) for lst in self.config.listeners
         ]:
-            log.warning("reload: listener changes take effect only after a restart")
+            log.warning("reload: added, removed or moved listeners take effect only after a restart")
         self.config = new
         self.routes = routes
+        self.listener_contexts.update(contexts)
+        log_warnings(new)
         log.info("configuration reloaded from %s", path)
         return True
 
@@ -93,6 +191,11 @@ class RelayServer:
         """Stop accepting, let live associations finish up to `deadline` seconds, then abort them."""
         for server in self._servers:
             server.close()
+        for lsock in self._tls_sockets:
+            lsock.close()
+        for task in list(self._tasks):
+            if task.get_name().startswith("accept-"):
+                task.cancel()
         if self.live:
             log.info("shutting down: waiting up to %.0f s for %d association(s)", deadline, len(self.live))
             try:
@@ -109,6 +212,22 @@ class RelayServer:
         for server in self._servers:
             await server.wait_closed()
         log.info("stopped")
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
+    """The first bytes the client sent, left in the socket for the TLS handshake to read."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(conn.fileno(), on_readable)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(conn.fileno())
+    return conn.recv(16, socket.MSG_PEEK)
 
 
 async def run(path: Path) -> int:

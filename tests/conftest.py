@@ -131,6 +131,7 @@ class ProxyFactory:
         routes: Mapping[str, str] | None = None,
         timeouts: Mapping[str, float] | None = None,
         extra: Mapping[str, Any] | None = None,
+        listener_tls: Mapping[str, Any] | None = None,
         startup_timeout: float = 15.0,
     ) -> RunningProxy:
         """Write a config and start ``python -m proxy run -c`` on a free listener port.
@@ -146,7 +147,10 @@ class ProxyFactory:
         index = len(self.started)
         port = free_port()
         config: dict[str, Any] = {
-            "listeners": [{"name": "modalities", "address": f"{LOOPBACK}:{port}"}],
+            "listeners": [
+                {"name": "modalities", "address": f"{LOOPBACK}:{port}"}
+                | ({"tls": dict(listener_tls)} if listener_tls is not None else {})
+            ],
             "upstreams": {name: _upstream_yaml(spec) for name, spec in upstreams.items()},
             "timeouts": {"artim": 30, "connect": 10, "idle": 300, **(timeouts or {})},
         }

@@ -528,3 +528,279 @@ def test_collector_helpers() -> None:
     ]
     with pytest.raises(ConfigErrors):
         check.raise_if_any()
+
+
+# --------------------------------------------------------------------------- TLS listeners and upstream TLS extras
+
+TLS_SITE = """\
+listeners:
+  - name: modalities
+    address: "127.0.0.1:0"
+    tls:
+      cert: certs/proxy.pem
+      key: certs/proxy.key
+      client_ca: certs/ca.pem
+      profile: bcp195-ex
+      bind_ae:
+        MODALITY01: [CT01, "CT01B "]
+        ct02.Ward.Example: CT02
+        "2001:DB8::0:7": [US01]
+  - name: server-only
+    address: "127.0.0.1:0"
+    tls: {cert: certs/proxy.pem, key: certs/proxy.key}
+  - name: optional
+    address: "127.0.0.1:0"
+    tls: {cert: certs/proxy.pem, key: certs/proxy.key, client_ca: certs/ca.pem, require_client_cert: false}
+  - {name: plain, address: "127.0.0.1:0"}
+upstreams:
+  pacs:
+    address: 127.0.0.1:2762
+    tls:
+      ca: certs/ca.pem
+      profile: tls13-only
+      pin_sha256:
+        - cert:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89
+        - spki:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
+  legacy:
+    address: 127.0.0.1:2763
+    tls:
+      insecure_skip_verify: true
+      pin_sha256: "spki:0000000000000000000000000000000000000000000000000000000000000000"
+  wild:
+    address: 127.0.0.1:2764
+    tls: {insecure_skip_verify: true}
+default_upstream: pacs
+"""
+
+
+def test_tls_listeners_and_upstream_extras_load(site: Path) -> None:
+    cfg = config.load(write(site, TLS_SITE))
+    mtls, server_only, optional, plain = cfg.listeners
+    assert mtls.tls == config.ListenerTLS(
+        cert=site / "certs/proxy.pem",
+        key=site / "certs/proxy.key",
+        client_ca=site / "certs/ca.pem",
+        require_client_cert=True,  # the default once client_ca is given
+        profile="bcp195-ex",
+        bind_ae=mtls.tls.bind_ae if mtls.tls else {},
+    )
+    assert mtls.tls is not None and dict(mtls.tls.bind_ae) == {
+        "modality01": frozenset({"CT01", "CT01B"}),  # compared without case; AE padding stripped
+        "ct02.ward.example": frozenset({"CT02"}),  # one AE title may be written without a list
+        "2001:db8::7": frozenset({"US01"}),  # IP addresses in canonical form
+    }
+    assert server_only.tls == config.ListenerTLS(cert=site / "certs/proxy.pem", key=site / "certs/proxy.key")
+    assert server_only.tls.profile == "bcp195-nd" and not server_only.tls.require_client_cert
+    assert optional.tls is not None and optional.tls.client_ca is not None and not optional.tls.require_client_cert
+    assert plain.tls is None
+
+    pacs = cfg.upstreams["pacs"].tls
+    assert pacs is not None and pacs.profile == "tls13-only" and not pacs.insecure_skip_verify
+    assert pacs.pin_sha256 == (
+        config.CertPin("cert", "abcdef0123456789" * 4),
+        config.CertPin("spki", "0123456789abcdef" * 4),
+    )
+    legacy, wild = cfg.upstreams["legacy"].tls, cfg.upstreams["wild"].tls
+    assert legacy is not None and legacy.insecure_skip_verify and legacy.pin_sha256 == (
+        config.CertPin("spki", "0" * 64),
+    )
+    assert wild is not None and wild.insecure_skip_verify and wild.pin_sha256 == ()
+    path = site / "proxy.yaml"
+    assert cfg.warnings == (
+        f"{path}:32:29: warning: upstream 'legacy': insecure_skip_verify is on: its certificate chain and host "
+        "name are NOT verified; only the pinned 'pin_sha256' is checked",
+        f"{path}:36:33: warning: upstream 'wild': insecure_skip_verify is on: its certificate chain and host "
+        "name are NOT verified; anyone on the network path can impersonate it",
+    )
+
+
+def test_existing_configs_keep_their_meaning(site: Path) -> None:
+    cfg = config.load(write(site, EXAMPLE))
+    tls = cfg.upstreams["pacs"].tls
+    assert tls is not None
+    assert (tls.profile, tls.pin_sha256) == ("bcp195-nd", ())
+    assert (tls.insecure_skip_verify, tls.passphrase_file) == (False, None)
+    assert cfg.listeners[0].tls is None and cfg.warnings == ()
+
+
+TLS_MINIMAL = """\
+listeners:
+  - name: l
+    address: "127.0.0.1:0"
+    tls: {cert: certs/proxy.pem, key: certs/proxy.key, LISTENER}
+upstreams:
+  pacs: {address: "127.0.0.1:104", tls: {ca: certs/ca.pem, UPSTREAM}}
+default_upstream: pacs
+"""
+
+
+def tls_config(listener: str = "", upstream: str = "") -> str:
+    return TLS_MINIMAL.replace(", LISTENER", f", {listener}" if listener else "").replace(
+        ", UPSTREAM", f", {upstream}" if upstream else ""
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            tls_config().replace("tls: {cert: certs/proxy.pem, key: certs/proxy.key}", "tls:"),
+            r"proxy.yaml:4:\d+: error: 'tls' of listener 'l' is empty: a TLS listener needs at least 'cert' and 'key'",
+            id="listener-tls-null",
+        ),
+        pytest.param(
+            tls_config().replace(", key: certs/proxy.key", ""),
+            r"proxy.yaml:4:10: error: missing required key 'key' in 'tls' of listener 'l'",
+            id="listener-tls-no-key",
+        ),
+        pytest.param(
+            tls_config("ca: certs/ca.pem"),
+            r"proxy.yaml:4:56: error: unknown key 'ca' in 'tls' of listener 'l' \(expected one of: 'cert', 'key', "
+            r"'client_ca', 'require_client_cert', 'profile', 'bind_ae', 'passphrase_file'\)",
+            id="listener-ca-instead-of-client_ca",
+        ),
+        pytest.param(
+            tls_config("require_client_cert: true"),
+            r"proxy.yaml:4:77: error: 'require_client_cert' in 'tls' of listener 'l' needs 'client_ca'",
+            id="require-without-client-ca",
+        ),
+        pytest.param(
+            tls_config("client_ca: certs/ca.pem, require_client_cert: yes"),
+            r"proxy.yaml:4:\d+: error: 'require_client_cert' in 'tls' of listener 'l' must be true or false, "
+            r"got a boolean \(yes\)",
+            id="yaml11-yes",
+        ),
+        pytest.param(
+            tls_config("bind_ae: {MODALITY01: CT01}"),
+            r"proxy.yaml:4:56: error: 'bind_ae' in 'tls' of listener 'l' needs 'client_ca': only verified",
+            id="bind-without-client-ca",
+        ),
+        pytest.param(
+            tls_config("client_ca: certs/ca.pem, bind_ae: {}"),
+            r"proxy.yaml:4:\d+: error: 'bind_ae' in 'tls' of listener 'l' must not be empty",
+            id="bind-empty",
+        ),
+        pytest.param(
+            tls_config("client_ca: certs/ca.pem, bind_ae: {MODALITY01: [CT01], modality01: [CT02]}"),
+            r"proxy.yaml:4:\d+: error: certificate name 'modality01' is already bound at line 4 "
+            r"\(names are compared without regard to case\)",
+            id="bind-duplicate-ignoring-case",
+        ),
+        pytest.param(
+            tls_config("client_ca: certs/ca.pem, bind_ae: {MODALITY01: [THIS_AE_TITLE_IS_TOO_LONG]}"),
+            r"proxy.yaml:4:\d+: error: AE title 'THIS_AE_TITLE_IS_TOO_LONG' is longer than 16 characters",
+            id="bind-bad-ae",
+        ),
+        pytest.param(
+            tls_config("client_ca: certs/ca.pem, bind_ae: {MODALITY01: []}"),
+            r"proxy.yaml:4:\d+: error: the AE titles of 'MODALITY01' in 'bind_ae' in 'tls' of listener 'l' must "
+            r"not be an empty list",
+            id="bind-no-titles",
+        ),
+        pytest.param(
+            tls_config("client_ca: certs/ca.pem, bind_ae: {1234: [CT01]}"),
+            r"proxy.yaml:4:\d+: error: a certificate name in 'bind_ae' in 'tls' of listener 'l' must be a "
+            r"non-empty string",
+            id="bind-int-key",
+        ),
+        pytest.param(
+            tls_config("profile: bcp195-extended"),
+            r"proxy.yaml:4:\d+: error: unknown TLS profile 'bcp195-extended' in 'tls' of listener 'l' "
+            r"\(expected one of: 'bcp195-nd', 'bcp195', 'bcp195-ex', 'tls13-only'\)",
+            id="listener-bad-profile",
+        ),
+        pytest.param(
+            tls_config(upstream="profile: TLS1.2"),
+            r"proxy.yaml:6:\d+: error: unknown TLS profile 'TLS1.2' in 'tls' of upstream 'pacs'",
+            id="upstream-bad-profile",
+        ),
+        pytest.param(
+            tls_config(upstream="pin_sha256: abcdef"),
+            r"proxy.yaml:6:\d+: error: 'pin_sha256' in 'tls' of upstream 'pacs': 'abcdef': write "
+            r"'cert:<sha256 hex>' \(the certificate\) or 'spki:<sha256 hex>' \(its public key\)",
+            id="pin-without-kind",
+        ),
+        pytest.param(
+            tls_config(upstream="pin_sha256: [spki:abcd]"),
+            r"proxy.yaml:6:\d+: error: 'pin_sha256' in 'tls' of upstream 'pacs': 'spki:abcd': expected 64 "
+            r"hexadecimal digits \(a SHA-256\) after 'spki:', got 4 characters",
+            id="pin-short",
+        ),
+        pytest.param(
+            tls_config(upstream="pin_sha256: []"),
+            r"proxy.yaml:6:\d+: error: 'pin_sha256' in 'tls' of upstream 'pacs' must not be an empty list",
+            id="pin-empty-list",
+        ),
+        pytest.param(
+            tls_config(upstream="insecure_skip_verify: 'true'"),
+            r"proxy.yaml:6:\d+: error: 'insecure_skip_verify' in 'tls' of upstream 'pacs' must be true or false, "
+            r"got a string",
+            id="insecure-quoted",
+        ),
+        pytest.param(
+            tls_config(upstream="passphrase_file: certs/ca.pem"),
+            r"proxy.yaml:6:\d+: error: 'tls' of upstream 'pacs' has 'passphrase_file' but no 'key' to decrypt",
+            id="passphrase-without-key",
+        ),
+    ],
+)
+def test_each_tls_mistake_is_reported_at_its_location(site: Path, text: str, expected: str) -> None:
+    message = one_error(write(site, text))
+    assert re.match(expected, message.replace(str(site) + "/", "")), message
+
+
+def _encrypted_key(site: Path, pki: dict[str, Path], passphrase: bytes) -> Path:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(pki["proxy_key"].read_bytes(), password=None)
+    path = site / "enc.key"
+    path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase),
+    ))  # fmt: skip
+    return path
+
+
+def test_passphrase_file_for_encrypted_keys(site: Path, pki: dict[str, Path]) -> None:
+    _encrypted_key(site, pki, b"open sesame")
+    good = site / "good.pass"
+    good.write_bytes(b"open sesame\n")
+    good.chmod(0o600)
+    text = """\
+        listeners:
+          - name: l
+            address: "127.0.0.1:0"
+            tls: {cert: certs/proxy.pem, key: enc.key, passphrase_file: PASS}
+        upstreams:
+          pacs: {address: "127.0.0.1:104", tls: {cert: certs/proxy.pem, key: enc.key, passphrase_file: PASS}}
+        default_upstream: pacs
+        """
+    cfg = config.load(write(site, text.replace("PASS", "good.pass")))
+    listener_tls, upstream_tls = cfg.listeners[0].tls, cfg.upstreams["pacs"].tls
+    assert listener_tls is not None and listener_tls.passphrase_file == good
+    assert upstream_tls is not None and upstream_tls.passphrase_file == good
+    assert cfg.warnings == ()
+
+    good.chmod(0o644)
+    cfg = config.load(write(site, text.replace("PASS", "good.pass")))
+    assert len(cfg.warnings) == 2 and all("good.pass is readable by other users" in w for w in cfg.warnings)
+
+    wrong = site / "wrong.pass"
+    wrong.write_bytes(b"let me in\n")
+    rendered = [e.render() for e in errors_of(write(site, text.replace("PASS", "wrong.pass")))]
+    assert rendered == [
+        f"{site}/proxy.yaml:4:39: error: cannot decrypt {site}/enc.key with the passphrase in {wrong} "
+        "(wrong passphrase?)",
+        f"{site}/proxy.yaml:6:70: error: cannot decrypt {site}/enc.key with the passphrase in {wrong} "
+        "(wrong passphrase?)",
+    ]
+    assert not any("let me in" in r or "open sesame" in r for r in rendered)
+
+    (site / "empty.pass").write_bytes(b"\n")
+    message = errors_of(write(site, text.replace("PASS", "empty.pass")))[0].render()
+    assert message.endswith(f"error: cannot use the passphrase file {site}/empty.pass: {site}/empty.pass is empty")
+
+    plain = text.replace("enc.key", "certs/proxy.key").replace("PASS", "good.pass")
+    assert errors_of(write(site, plain))[0].render().endswith(
+        f"error: {site}/certs/proxy.key is not encrypted; remove 'passphrase_file'"
+    )
