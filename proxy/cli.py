@@ -46,10 +46,60 @@ def cmd_check(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"{args.config}: error: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    for warning in cfg.warnings:
+        print(warning, file=sys.stderr)
+    rules = f", {len(cfg.rules.rules)} rule(s)" if cfg.rules is not None else ""
     print(
         f"{args.config}: ok ({len(cfg.listeners)} listener(s), {len(cfg.upstreams)} upstream(s), "
-        f"{len(cfg.routes)} route(s))"
+        f"{len(cfg.routes)} route(s){rules}, {len(cfg.warnings)} warning(s))"
     )
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Which rule decides an association (and a DIMSE request), and why every earlier rule did not."""
+    import ipaddress
+    from datetime import datetime
+
+    from proxy import config
+    from proxy.policy.engine import explain, format_explanation
+    from proxy.policy.model import AssociationFacts, DimseFacts, IdentityFacts
+
+    try:
+        cfg = config.load(Path(args.config))
+    except (ConfigErrors, ConfigError) as exc:
+        _print_config_errors(exc)
+        return 1
+    if cfg.rules is None:
+        print(f"{args.config}: no rules: every association is accepted and routed by called AE title")
+        return 0
+    try:
+        source = ipaddress.ip_address(args.source)
+        now = datetime.fromisoformat(args.time) if args.time else datetime.now()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    listener = args.listener or cfg.listeners[0].name
+    identity = IdentityFacts(args.identity_type, args.username) if args.identity_type else None
+    facts = AssociationFacts(
+        source=source,
+        listener=listener,
+        calling_ae=args.calling_ae,
+        called_ae=args.called_ae,
+        abstract_syntaxes=tuple(args.abstract_syntax),
+        transfer_syntaxes=tuple(args.transfer_syntax),
+        user_identity=identity,
+        now=now,
+    )
+    dimse = None
+    if args.command:
+        dimse = DimseFacts(
+            command=args.command.upper(),
+            affected_sop_class=args.affected_sop_class,
+            move_destination=args.move_destination,
+            priority=args.priority,
+        )
+    print(format_explanation(explain(cfg.rules, facts, dimse)))
     return 0
 
 
@@ -127,6 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a configuration; errors as path:line:col")
     check.add_argument("-c", "--config", required=True)
     check.set_defaults(func=cmd_check)
+
+    exp = sub.add_parser("explain", help="show which rule decides an association or DIMSE request, and why")
+    exp.add_argument("-c", "--config", required=True)
+    exp.add_argument("--source", required=True, help="client IP address")
+    exp.add_argument("--calling-ae", required=True)
+    exp.add_argument("--called-ae", required=True)
+    exp.add_argument("--listener", help="listener name (default: the first)")
+    exp.add_argument("--abstract-syntax", action="append", default=[], metavar="UID")
+    exp.add_argument("--transfer-syntax", action="append", default=[], metavar="UID")
+    exp.add_argument("--identity-type", type=int, choices=[1, 2, 3, 4, 5])
+    exp.add_argument("--username")
+    exp.add_argument("--time", help="local time, ISO 8601 (default: now)")
+    exp.add_argument("--command", help="a DIMSE request, e.g. C-MOVE")
+    exp.add_argument("--move-destination")
+    exp.add_argument("--affected-sop-class", metavar="UID")
+    exp.add_argument("--priority", type=int, choices=[0, 1, 2])
+    exp.set_defaults(func=cmd_explain)
 
     certs = sub.add_parser("certs", help="development certificates")
     certs_sub = certs.add_subparsers(dest="certs_command", required=True)

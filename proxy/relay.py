@@ -422,7 +422,7 @@ class Association:
             other.write(frame.data)
 
     def _decide_dimse(self, context_id: int, command: CommandSet) -> int | None:
-        rules = getattr(self.config, "rules", None)  # TODO: ProxyConfig.rules once the loader lands
+        rules = self.config.rules
         if rules is None or self.facts is None or command.command_field is None:
             return None
         name = command_name(command.command_field)
@@ -445,8 +445,7 @@ class Association:
                 decision.rule,
                 decision.status,
             )
-            status: int = decision.status
-            return status
+            return decision.status
         return None
 
     # ---- association setup ------------------------------------------------------------------
@@ -480,7 +479,7 @@ class Association:
                              f"(bind_ae allows {sorted(allowed) or 'none'})")
                 return
         upstream_names: tuple[str, ...] = ()
-        rules = getattr(self.config, "rules", None)  # TODO: ProxyConfig.rules once the loader lands
+        rules = self.config.rules
         if rules is not None:
             self.facts = self._facts(rq)
             decision = rules.evaluate(self.facts)
@@ -489,14 +488,16 @@ class Association:
                 log.info("%s: shadow rule %s would %s (not enforced)", self._who(), rule, action)
             if decision.action == "reject":
                 result, source, reason = decision.reject or (1, 1, 1)
-                self._reject(result, source, reason, f"rule {decision.rule}", outcome="rejected_by_rule")
+                where = f" ({decision.location})" if decision.location else ""
+                self._reject(result, source, reason, f"rule {decision.rule}{where}", outcome="rejected_by_rule")
                 return
             if decision.action == "drop":
                 log.warning("%s: dropped without a PDU by rule %s", self._who(), decision.rule)
                 self.outcome = "dropped_by_rule"
                 self._close_all()
                 return
-            log.info("%s: accepted by rule %s", self._who(), decision.rule)
+            log.info("%s: accepted by rule %s%s", self._who(), decision.rule,
+                     f" ({decision.location})" if decision.location else "")
             upstream_names = decision.upstreams
             if rules.has_dimse_rules:
                 self.gate = RequestGate(self._decide_dimse)

@@ -544,7 +544,7 @@ class PynetdicomArchive:
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         ae = AE(ae_title=self.ae_title)
-        ae.maximum_associations = 16
+        ae.maximum_associations = 40
         ae.add_supported_context(VERIFICATION_SOP_CLASS.decode())
         for cx in _storage_classes(AllStoragePresentationContexts):
             # scu_role/scp_role: accept the C-GET requestor's role selection proposals

@@ -273,6 +273,189 @@ def test_there_are_many_kinds_of_mistakes() -> None:
     assert len(MISTAKES) >= 12
 
 
+# More mistakes, one error each, checked as text too.
+MORE_MISTAKES = {
+    "bad-range": (
+        HEAD + 'rules:\n  - {name: a, match: {calling_ae: "CT[9-0]"}, action: accept}\n',
+        "rules/site.yaml:4:35: error: bad range '9-0' in pattern 'CT[9-0]' (write it low to high)",
+    ),
+    "ae-all-spaces": (
+        HEAD + 'rules:\n  - {name: a, match: {calling_ae: "  "}, action: accept}\n',
+        "rules/site.yaml:4:35: error: 'calling_ae' must not be empty",
+    ),
+    "empty-cn": (
+        HEAD + 'rules:\n  - {name: a, match: {client_cert: {cn: " "}}, action: accept}\n',
+        "rules/site.yaml:4:41: error: 'client_cert.cn' must not be empty",
+    ),
+    "mapped-v6": (
+        HEAD + 'rules:\n  - {name: a, match: {source: "::ffff:10.0.0.0/104"}, action: accept}\n',
+        "rules/site.yaml:4:31: error: '::ffff:10.0.0.0/104' is an IPv4-mapped IPv6 network: write it as IPv4 "
+        '(clients on dual-stack listeners are matched by their IPv4 address)',
+    ),
+    "uid-empty-component": (
+        HEAD + 'rules:\n  - {name: a, match: {abstract_syntax: "1..2"}, action: accept}\n',
+        "rules/site.yaml:4:40: error: UID '1..2' has an empty component",
+    ),
+    "uid-star-inside": (
+        HEAD + 'rules:\n  - {name: a, match: {abstract_syntax: "1.2.*.3"}, action: accept}\n',
+        "rules/site.yaml:4:40: error: '1.2.*.3': only a whole-component prefix such as '1.2.826.0.1.3680043.*' "
+        "may use '*'",
+    ),
+    "ts-group": (
+        HEAD + 'rules:\n  - {name: a, match: {transfer_syntax: storage}, action: accept}\n',
+        "rules/site.yaml:4:40: error: 'storage' is not a transfer syntax UID (digits and dots, e.g. "
+        '1.2.840.10008.1.2.1)',
+    ),
+    "unknown-command": (
+        HEAD + 'rules:\n  - {name: a, on: dimse, match: {command: C-PUSH}, action: refuse}\n',
+        "rules/site.yaml:4:43: error: unknown command 'C-PUSH' (expected one of: C-STORE, C-FIND, C-GET, "
+        'C-MOVE, C-ECHO, N-EVENT-REPORT, N-GET, N-SET, N-ACTION, N-CREATE, N-DELETE, query-retrieve, retrieve, '
+        'composite, normalized)',
+    ),
+    "bad-listener": (
+        HEAD + 'rules:\n  - {name: a, match: {listener: "my listener"}, action: accept}\n',
+        "rules/site.yaml:4:33: error: listener name 'my listener' must be 1-64 letters, digits, '_', '.' or '-'",
+    ),
+    "bad-priority": (
+        HEAD + 'rules:\n  - {name: a, on: dimse, match: {priority: urgent}, action: refuse}\n',
+        "rules/site.yaml:4:44: error: unknown priority 'urgent' (expected low, medium or high)",
+    ),
+    "default-mapping-codes-on-accept": (
+        'version: 1\ndefault: {action: accept, reject: {result: 1, source: 1, reason: 1}}\n',
+        "rules/site.yaml:2:27: error: 'reject' codes only apply when the default action is 'reject'",
+    ),
+    "empty-sets": (
+        HEAD + 'sets: {}\n',
+        "rules/site.yaml:3:7: error: 'sets' must not be empty (remove the key)",
+    ),
+    "set-bad-name": (
+        HEAD + "sets:\n  'my set': {type: uid, elements: [1.2]}\n",
+        "rules/site.yaml:4:3: error: set name 'my set' must be 1-64 letters, digits, '_', '.' or '-', starting "
+        'with a letter or digit',
+    ),
+    "set-not-mapping": (
+        HEAD + 'sets:\n  s: [1.2]\n',
+        "rules/site.yaml:4:6: error: set 's' must be a mapping, got a list",
+    ),
+    "set-bad-type": (
+        HEAD + 'sets:\n  s: {type: ip, elements: [1.2]}\n',
+        "rules/site.yaml:4:13: error: the type of set 's' must be one of 'ae_title', 'cidr', 'uid', 'command', "
+        "got 'ip'",
+    ),
+    "set-in-set": (
+        HEAD + "sets:\n  s: {type: uid, elements: ['@t']}\n",
+        'rules/site.yaml:4:29: error: a set cannot contain another set; list the elements',
+    ),
+    "rule-not-mapping": (
+        HEAD + 'rules:\n  - just-a-name\n',
+        'rules/site.yaml:4:5: error: a rule must be a mapping, got a string',
+    ),
+    "bad-on": (
+        HEAD + 'rules:\n  - {name: a, on: request, action: refuse}\n',
+        "rules/site.yaml:4:19: error: 'on' of rule 'a' must be one of 'association', 'dimse', got 'request'",
+    ),
+    "reject-in-dimse": (
+        HEAD + 'rules:\n  - {name: a, on: dimse, action: refuse, reject: {result: 1, source: 1, reason: 1}}\n',
+        "rules/site.yaml:4:42: error: 'reject' only applies to association rules; a DIMSE rule refuses with "
+        "'status'",
+    ),
+    "status-in-association": (
+        HEAD + 'rules:\n  - {name: a, action: reject, status: 0x0124}\n',
+        "rules/site.yaml:4:31: error: 'status' only applies to DIMSE rules ('on: dimse', action 'refuse')",
+    ),
+    "action-not-string": (
+        HEAD + 'rules:\n  - {name: a, action: [accept]}\n',
+        "rules/site.yaml:4:23: error: the action of rule 'a' must be a string, got a list",
+    ),
+    "upstream-twice": (
+        HEAD + 'rules:\n  - {name: a, action: accept, upstream: [pacs, pacs]}\n',
+        "rules/site.yaml:4:48: error: upstream 'pacs' is listed twice",
+    ),
+    "upstream-bad-name": (
+        HEAD + "rules:\n  - {name: a, action: accept, upstream: 'pacs main'}\n",
+        "rules/site.yaml:4:41: error: upstream name 'pacs main' must be 1-64 letters, digits, '_', '.' or '-'",
+    ),
+    "rewrite-empty": (
+        HEAD + 'rules:\n  - {name: a, action: accept, rewrite: {}}\n',
+        "rules/site.yaml:4:40: error: 'rewrite' of rule 'a' must not be empty",
+    ),
+    "rewrite-bad-ae": (
+        HEAD + 'rules:\n  - {name: a, action: accept, rewrite: {calling_ae: THIS_IS_SEVENTEEN}}\n',
+        "rules/site.yaml:4:53: error: AE title 'THIS_IS_SEVENTEEN' is longer than 16 characters",
+    ),
+    "contexts-empty": (
+        HEAD + 'rules:\n  - {name: a, action: accept, contexts: {}}\n',
+        "rules/site.yaml:4:41: error: 'contexts' of rule 'a' needs 'allow' or 'deny'",
+    ),
+    "contexts-negated": (
+        HEAD + "rules:\n  - {name: a, action: accept, contexts: {allow: ['!storage']}}\n",
+        "rules/site.yaml:4:50: error: '!' is not allowed in 'contexts': list what to refuse under 'deny'",
+    ),
+    "contexts-bad-uid": (
+        HEAD + 'rules:\n  - {name: a, action: accept, contexts: {deny: [1.02]}}\n',
+        "rules/site.yaml:4:49: error: 'contexts: deny' of rule 'a': '1.02' must be a string; quote it: "
+        '"1.02"',
+    ),
+    "status-text": (
+        HEAD + 'rules:\n  - {name: a, on: dimse, action: refuse, status: refused}\n',
+        "rules/site.yaml:4:50: error: the status of rule 'a' must be a number such as 0x0124, got a string",
+    ),
+    "status-hex-string": (
+        HEAD + "rules:\n  - {name: a, on: dimse, action: refuse, status: '0x10000'}\n",
+        'rules/site.yaml:4:50: error: status 0x10000 is out of range (0x0000-0xFFFF)',
+    ),
+    "client-cert-bad-scalar": (
+        HEAD + 'rules:\n  - {name: a, match: {client_cert: yes}, action: accept}\n',
+        "rules/site.yaml:4:36: error: 'client_cert' must be 'present', 'absent' or a mapping with 'cn', 'san', "
+        "'issuer', 'fingerprint'",
+    ),
+    "time-empty": (
+        HEAD + 'rules:\n  - {name: a, match: {time: {}}, action: accept}\n',
+        "rules/site.yaml:4:29: error: 'time' must not be empty",
+    ),
+    "time-unknown-key": (
+        HEAD + 'rules:\n  - {name: a, match: {time: {weekdays: mon}}, action: accept}\n',
+        "rules/site.yaml:4:30: error: unknown key 'weekdays' in 'time' (expected one of: 'days', 'hours')",
+    ),
+    "bang-alone": (
+        HEAD + "rules:\n  - {name: a, match: {calling_ae: '!'}, action: accept}\n",
+        "rules/site.yaml:4:35: error: '!' must be followed by a value",
+    ),
+    "set-for-listener": (
+        HEAD + "rules:\n  - {name: a, match: {listener: '@l'}, action: accept}\n",
+        "rules/site.yaml:4:33: error: 'listener' takes values, not sets",
+    ),
+    "ts-set-with-groups": (
+        HEAD + 'sets:\n  u: {type: uid, elements: [storage]}\nrules:\n  - {name: a, match: {transfer_syntax: '
+               "'@u'}, action: accept}\n",
+        "rules/site.yaml:6:40: error: set @u contains abstract syntax groups, which 'transfer_syntax' cannot "
+        'use',
+    ),
+    "value-is-mapping": (
+        HEAD + 'rules:\n  - {name: a, match: {calling_ae: {x: 1}}, action: accept}\n',
+        "rules/site.yaml:4:35: error: 'calling_ae' must be a value or a list of values, got a mapping",
+    ),
+    "ae-boolean": (
+        HEAD + 'rules:\n  - {name: a, match: {called_ae: no}, action: accept}\n',
+        'rules/site.yaml:4:34: error: \'called_ae\': \'no\' is read as a boolean; quote it: "no"',
+    ),
+    "rules-not-list": (
+        HEAD + 'rules: {a: 1}\n',
+        "rules/site.yaml:3:8: error: 'rules' must be a list, got a mapping",
+    ),
+    "top-not-mapping": (
+        '- 1\n',
+        'rules/site.yaml:1:1: error: a rule file must be a mapping, got a list',
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "expected"), MORE_MISTAKES.values(), ids=MORE_MISTAKES.keys())
+def test_more_mistakes(text: str, expected: str) -> None:
+    assert one_error(text) == expected
+
+
+
 def test_all_errors_of_a_file_come_in_one_pass_with_a_caret() -> None:
     text = """\
     version: 1
@@ -338,7 +521,7 @@ def test_empty_file() -> None:
 
 
 def test_warning_for_a_rule_after_a_catch_all() -> None:
-    text = HEAD + "rules:\n  - {name: everyone, action: accept}\n  - {name: ct, match: {calling_ae: CT01}, action: drop}\n"
+    text = HEAD + "rules:\n  - {name: everyone, action: accept}\n  - {name: ct, match: {calling_ae: X}, action: drop}"
     _, warnings = load(text)
     assert warnings == [
         "rules/site.yaml:5:5: warning: rule 'ct' can never match: rule 'everyone' (line 4) already decides every "
@@ -639,3 +822,33 @@ def test_every_field_has_a_loader_kind() -> None:
 def test_shadowed_rules_is_empty_for_the_site_file() -> None:
     rs, warnings = load_rules_text([(PATH, SITE.read_text())])
     assert shadowed_rules(rs) == [] and warnings == []
+
+
+COVERS = {
+    "uid-prefix-covers-group": ('{abstract_syntax: "1.2.840.10008.5.1.4.1.*"}', "{abstract_syntax: query-retrieve}",
+                                True),
+    "uid-prefix-not-storage": ('{abstract_syntax: "1.2.840.10008.5.1.4.1.*"}', "{abstract_syntax: storage}", False),
+    "uid-prefix-covers-prefix": ('{abstract_syntax: "1.2.*"}', '{abstract_syntax: "1.2.3.*"}', True),
+    "star-covers-glob": ('{calling_ae: "*"}', '{calling_ae: "CT*"}', True),
+    "prefix-glob-covers-prefix-glob": ('{calling_ae: "CT*"}', '{calling_ae: "CT_ER*"}', True),
+    "prefix-glob-not-other-glob": ('{calling_ae: "CT*"}', '{calling_ae: "?T*"}', False),
+    "disjoint-networks": ('{source: "!10.1.0.0/16"}', "{source: 10.2.0.0/16}", True),
+    "overlapping-networks": ('{source: "!10.1.0.0/16"}', "{source: 10.0.0.0/8}", False),
+    "same-negation": ('{calling_ae: "!CT*"}', '{calling_ae: ["MR*", "!CT*"]}', True),
+    "set-covers-its-glob": ('{calling_ae: "@ward"}', '{calling_ae: "US_*"}', True),
+    "set-covers-set": ('{calling_ae: "@ward"}', '{calling_ae: "@ward"}', True),
+    "set-not-other-set": ('{calling_ae: "@ward"}', '{calling_ae: "@other"}', False),
+    "identity-type": ("{user_identity: {type: [jwt, saml]}}", "{user_identity: {type: jwt}}", True),
+}
+
+
+@pytest.mark.parametrize(("earlier", "later", "warn"), COVERS.values(), ids=COVERS.keys())
+def test_shadow_analysis_cases(earlier: str, later: str, warn: bool) -> None:
+    text = (HEAD + "sets:\n  ward: {type: ae_title, elements: [CT01, \"US_*\"]}\n"
+            "  other: {type: ae_title, elements: [CT01, \"MR*\"]}\n"
+            f"rules:\n  - {{name: a, match: {earlier}, action: accept}}\n"
+            f"  - {{name: b, match: {later}, action: drop}}\n"
+            "  - {name: c, match: {calling_ae: [\"@ward\", \"@other\"]}, action: drop}\n")  # uses both sets
+    rs, _ = load_rules_text([(PATH, text)])
+    found = [(b.name, a.name) for b, a in shadowed_rules(rs) if b.name == "b"]
+    assert found == ([("b", "a")] if warn else [])

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -147,6 +147,8 @@ _HOURS = re.compile(r"([0-9]{2}):([0-9]{2})-([0-9]{2}):([0-9]{2})")
 _HEX = re.compile(r"[0-9a-f]{64}")
 _GLOB_CHARS = frozenset("*?[")
 _GLOB_RE = re.compile(r"[*?\[]")
+_AE_LITERAL = re.compile(r"(?![!@])[\x20-\x29\x2b-\x3e\x40-\x5a\x5d-\x7e]{1,16}")
+"""A plain AE title: printable ASCII, no backslash, no glob character, not read as `!` or `@`."""
 _AE_SUSPECT = re.compile(r"[^\x20-\x5b\x5d-\x7e]")
 """Anything but printable ASCII without the backslash (PS3.5 VR AE)."""
 CALLING_AE_TOKEN = "$calling_ae"
@@ -523,6 +525,12 @@ class _FastBuilder(yamlsrc._Builder):
     where PyYAML uses None (yamlsrc reads None as "not quoted"). String scalars, most of a large
     set, take a shortcut: their value is their text, as SafeConstructor would return it."""
 
+    def build(self, node: yaml.Node) -> Node:
+        # A string scalar contains nothing, so it needs none of the alias bookkeeping either.
+        if node.tag == _STR_TAG and isinstance(node, yaml.ScalarNode):
+            return self.scalar(node)
+        return super().build(node)
+
     def scalar(self, node: yaml.ScalarNode) -> ScalarNode:
         if node.style == "":
             node.style = None
@@ -670,8 +678,14 @@ class _Loader:
             return None
         kind = _KIND_OF_SET_TYPE[set_type]
         members: list[Pattern] = []
+        literals: set[Hashable] = set()
         ok = True
         for item in seq:
+            if kind == "ae" and isinstance(item, ScalarNode) and type(item.value) is str:
+                plain = item.value.strip(" ")
+                if _AE_LITERAL.fullmatch(plain):  # the common case of a large set, without the detours
+                    literals.add(plain)
+                    continue
             text = self.item_text(item, f"an element of {what}")
             if text is None:
                 ok = False
@@ -685,12 +699,19 @@ class _Loader:
                 ok = False
                 continue
             try:
-                members.append(_parse_value(kind, text))
+                pattern = _parse_value(kind, text)
             except ValueError as exc:
                 c.add(item, str(exc))
                 ok = False
+                continue
+            if isinstance(pattern, Finite):
+                literals |= pattern.values
+            else:
+                members.append(pattern)
         if not ok:
             return None
+        if literals:  # one member for every literal value: the same set, indexed and compared faster
+            members.insert(0, Finite(f"{len(literals)} value(s) of @{name}", frozenset(literals)))
         set_type_literal: SetType = set_type  # type: ignore[assignment]  # one of SET_TYPES, checked above
         return NamedSet(name, set_type_literal, tuple(members), key.loc, key.src.line(key.loc.line))
 

@@ -440,7 +440,8 @@ class NamedSet:
         return self._table.hits(value) != 0
 
     def __len__(self) -> int:
-        return len(self.members)
+        """How many values the set lists (literal members hold several)."""
+        return sum(len(m.values) if isinstance(m, Finite) else 1 for m in self.members)
 
     @property
     def literal_values(self) -> frozenset[Hashable]:
