@@ -228,3 +228,41 @@ def test_certificate_rotation_on_sighup_keeps_live_associations(
     live.release()
     assert served_serial() == new_serial
     assert {dcmread(p).SOPInstanceUID for p in files} <= set(pynetdicom_tls_scp.stored)
+
+
+def test_cmove_sub_operations_from_a_tls_archive_reach_a_plaintext_workstation(
+    tmp_path: Path,
+    dev_certs: Pki,
+    pynetdicom_tls_scp: PynetdicomArchive,
+    move_destination: Any,
+    proxy_factory: ProxyFactory,
+) -> None:
+    """The workstation asks through proxy A (plain -> TLS); the TLS-only archive opens its C-STORE
+    sub-association to proxy B's TLS listener (mutual TLS), which relays it to the plaintext
+    workstation."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    files = write_ct_files(tmp_path / "ct", 3, study_uid="1.2.826.0.1.3680043.8.498.1")
+    inbound = proxy_factory(UpstreamSpec(move_destination.port, None), listener_tls=_mutual(dev_certs))
+    archive_ctx = tls_client_context(dev_certs.ca, dev_certs.archive_cert, dev_certs.archive_key)
+    pynetdicom_tls_scp.retrievable = files
+    pynetdicom_tls_scp.move_destinations = {
+        "WS1": (LOOPBACK, inbound.port, {"tls_args": (archive_ctx, "localhost")})  # type: ignore[dict-item]
+    }
+    outbound = proxy_factory(pynetdicom_tls_scp.port)
+    ae = AE(ae_title="WS1")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate(LOOPBACK, outbound.port, ae_title="ARCHIVE")
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    responses = assoc.send_c_move(query, "WS1", StudyRootQueryRetrieveInformationModelMove)
+    statuses = [status.Status for status, _ in responses]
+    assoc.release()
+    assert statuses[-1] == 0x0000, [hex(s) for s in statuses]
+    received = move_destination.sink.wait_for_count(3, timeout=30)
+    assert set(received) == {dcmread(p).SOPInstanceUID for p in files}
+    inbound.wait_for_log(r"association established via pacs")
+    assert "listener modalities, TLS" in inbound.log_text()
