@@ -49,7 +49,7 @@ class CA:
     key: rsa.RSAPrivateKey
 
 
-def init(directory: Path, *, days: int = 30, force: bool = False) -> dict[str, Path]:
+def init(directory: Path, *, days: int = 90, force: bool = False) -> dict[str, Path]:
     """Create a CA and the archive, proxy and modality certificates in `directory`.
 
     Returns {"ca": ..., "ca_key": ..., "archive": ..., "archive_key": ..., "proxy": ...,

@@ -656,6 +656,8 @@ class Association:
         sslobj = upstream.transport.get_extra_info("ssl_object")
         if isinstance(ctx, tls.ResumingClientContext) and isinstance(sslobj, ssl.SSLObject):
             self.tls_resumed = sslobj.session_reused
+            if self.tls_resumed and ctx.session is not None:
+                return  # the offered session still works; fetching a new one costs ~4% per association
             session = sslobj.session
             if session is not None:
                 ctx.session = session

@@ -113,7 +113,7 @@ def test_leaf_certificates(
         assert sans(leaf) == (dns, ips)
     now = datetime.datetime.now(datetime.UTC)
     assert leaf.not_valid_before_utc < now < leaf.not_valid_after_utc
-    assert leaf.not_valid_after_utc - now < datetime.timedelta(days=31)
+    assert leaf.not_valid_after_utc - now < datetime.timedelta(days=91)
 
 
 def test_chain_verifies_with_openssl_policy(pki: dict[str, Path]) -> None:

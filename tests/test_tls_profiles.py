@@ -840,13 +840,14 @@ def test_certificate_expiry_and_warnings(pki: Pki, tmp_path: Path) -> None:
         ("ca", "upstream:pacs", pki.good["ca"]),
         ("upstream_client", "old", gone),
     ]
-    # the dev CA itself lives 30 days: look from a day where only the 5-day certificate is close
+    # the dev CA itself lives 90 days: within 20 days only the 5-day certificate is close
     warnings = tls.expiry_warnings(cfg, now=now, within=datetime.timedelta(days=20))
     assert len(warnings) == 2, warnings
     assert warnings[0].startswith(f"the listener certificate of modalities ({soon}) expires on ")
     assert warnings[0].endswith("(in 4 days)")
     assert warnings[1].startswith(f"the upstream_client certificate of old ({gone}) has EXPIRED on ")
-    assert len(tls.expiry_warnings(cfg, now=now)) == 4  # the default 30-day window also catches the CA
+    assert len(tls.expiry_warnings(cfg, now=now)) == 2  # the default 30-day window: the CA has 90 days
+    assert len(tls.expiry_warnings(cfg, now=now, within=datetime.timedelta(days=100))) == 4  # now the CA too
     gone.unlink()
     assert any(w.startswith("cannot read the upstream_client certificate of old") for w in tls.expiry_warnings(cfg))
 
