@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy import config as config_mod
-from proxy import tls
+from proxy import sdnotify, tls
 from proxy.config import Listener, ProxyConfig
 from proxy.dul.machine import Side
 from proxy.errors import ConfigErrors, ProxyError
@@ -236,10 +236,22 @@ async def run(path: Path) -> int:
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    watchdog_stop = asyncio.Event()
+    watchdog = loop.create_task(sdnotify.watchdog_loop(watchdog_stop), name="watchdog")
+
+    def on_sighup() -> None:
+        sdnotify.reloading("reloading configuration")
+        ok = server.reload(path)
+        sdnotify.ready("configuration reloaded" if ok else "reload failed; running the previous configuration")
+
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: server.reload(path))
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    sdnotify.ready(f"relaying on {len(server.bound)} listener(s)")
     await stop.wait()
+    sdnotify.stopping("draining live associations")
     log.info("SIGTERM: no longer accepting associations")
     await server.shutdown(server.config.timeouts.shutdown)
+    watchdog_stop.set()
+    await watchdog
     return 0
