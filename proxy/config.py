@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from proxy.dul.constants import AE_TITLE_LENGTH, DEFAULT_MAX_ASSOCIATE_LENGTH, DEFAULT_MAX_PDU_LENGTH
 from proxy.errors import ConfigError, ConfigErrors, Location
+from proxy.limits import DEFAULT_MAX_TRACKED_SOURCES, Limits
 from proxy.policy.loader import check_references, expand_rule_path, load_rules
 from proxy.policy.model import RuleSet
 from proxy.yamlsrc import Collector, MapNode, Node, ScalarNode, describe, parse, read_text
@@ -66,10 +67,24 @@ class UpstreamTLS:
 
 
 @dataclass(frozen=True)
+class HealthCheck:
+    """`health:` of an upstream: a C-ECHO association every `interval` seconds (proxy.upstream).
+    The upstream goes down after `fall` failed probes in a row and up again after `rise` good ones."""
+
+    called_ae: str  # the archive's AE title (stripped)
+    calling_ae: str = "DICOMPROXY"
+    interval: float = 10.0  # seconds from the end of one probe to the start of the next
+    timeout: float = 5.0  # the whole probe: connect, TLS, associate, echo, release
+    rise: int = 2
+    fall: int = 3
+
+
+@dataclass(frozen=True)
 class Upstream:
     name: str
     address: Address
     tls: UpstreamTLS | None  # None = plaintext upstream (warned about at start)
+    health: HealthCheck | None = None  # None = no probes: the upstream always counts as up
 
     @property
     def server_hostname(self) -> str | None:
@@ -97,11 +112,18 @@ class ListenerTLS:
     passphrase_file: Path | None = None  # passphrase of an encrypted `key`
 
 
+TrustedNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True)
 class Listener:
     name: str
     address: Address
     tls: ListenerTLS | None = None  # None = plaintext listener
+    # PROXY protocol v1/v2 (proxy.proxyproto) before the first DICOM (or TLS) byte, as HAProxy's
+    # send-proxy-v2 writes it; only from these networks (required, non-empty, when True)
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[TrustedNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,31 @@ class Timeouts:
     acse: float = 20.0  # RQ forwarded -> AC/RJ from upstream; below the 30 s clients wait
     idle: float = 300.0  # no PDU in either direction -> A-ABORT both sides
     shutdown: float = 30.0  # SIGTERM: how long live associations may finish
+
+
+@dataclass(frozen=True)
+class MetricsTLS:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    username: str
+    password_file: Path  # the password, read when the exporter starts; never logged
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """`metrics:`: the Prometheus exporter (proxy.metrics). Absent = no metrics at all."""
+
+    address: Address  # port 0 = any free port (tests)
+    tls: MetricsTLS | None = None
+    basic_auth: BasicAuth | None = None
+
+
+def _no_devices() -> Mapping[str, tuple[str, ...]]:
+    return MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -127,6 +174,21 @@ class ProxyConfig:
     warnings: tuple[str, ...] = ()
     # `rules:` (proxy.policy): None = no rule files, every association is accepted and routed as before
     rules: RuleSet | None = None
+    # `metrics:`: None = no exporter and no metrics kept
+    metrics: MetricsConfig | None = None
+    # `devices:` device name -> calling AE title patterns (globs), in file order: the `device` metric label
+    devices: Mapping[str, tuple[str, ...]] = field(default_factory=_no_devices)
+    # every route with its upstreams in priority order (failover); `routes` keeps the first of each
+    route_upstreams: Mapping[str, tuple[str, ...]] = field(default_factory=_no_devices)
+    # `default_upstream` as a priority list; `default_upstream` is its first name
+    default_upstreams: tuple[str, ...] = ()
+    # `limits:` (proxy.limits): concurrency caps and per-source connection rate; all off by default
+    limits: Limits = field(default_factory=Limits)
+
+    def upstream_names_for(self, called_ae: str) -> tuple[str, ...]:
+        """The upstreams for a called AE title in priority order (its route, else the default);
+        the caller picks the first healthy one (proxy.upstream.UpstreamHealth.pick)."""
+        return self.route_upstreams.get(called_ae.strip(" "), self.default_upstreams)
 
     def upstream_for(self, called_ae: str) -> Upstream | None:
         """Route by called AE title (trailing/leading spaces are padding), else the default."""
@@ -144,9 +206,19 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 """A week: longer is a typo, and asyncio timers far in the future gain nothing."""
 
 TOP_KEYS = ("listeners", "upstreams", "routes", "default_upstream", "timeouts", "max_pdu_length",
-            "max_associate_length", "rules")
-LISTENER_KEYS = ("name", "address", "tls")
-UPSTREAM_KEYS = ("address", "tls")
+            "max_associate_length", "rules", "metrics", "devices", "limits")
+LISTENER_KEYS = ("name", "address", "tls", "proxy_protocol", "trusted_proxies")
+LIMIT_KEYS = ("max_associations", "per_listener", "per_source", "per_calling_ae", "rate", "burst",
+              "max_associate_rq_size", "ipv6_prefix", "max_tracked_sources")
+MAX_LIMIT_COUNT = 1_000_000
+"""Upper bound for association counts, burst and rate: beyond it a limit is a typo, not a limit."""
+UPSTREAM_KEYS = ("address", "tls", "health")
+HEALTH_KEYS = ("called_ae", "calling_ae", "interval", "timeout", "rise", "fall")
+METRICS_KEYS = ("address", "tls", "basic_auth")
+METRICS_TLS_KEYS = ("cert", "key")
+BASIC_AUTH_KEYS = ("username", "password_file")
+RESERVED_DEVICE = "other"
+"""The `device` label of every calling AE title no `devices:` pattern matches."""
 TLS_KEYS = ("ca", "cert", "key", "server_name", "profile", "pin_sha256", "insecure_skip_verify", "passphrase_file")
 LISTENER_TLS_KEYS = ("cert", "key", "client_ca", "require_client_cert", "profile", "bind_ae", "passphrase_file")
 TIMEOUT_KEYS = ("artim", "connect", "acse", "idle", "shutdown")
@@ -303,14 +375,25 @@ class _Reader:
         # Names declared, even by an upstream that is itself broken, so routes are still checked.
         known = {k.value for k, _ in node if isinstance(k.value, str)} if isinstance(node, MapNode) else None
 
-        routes: dict[str, str] = {}
+        route_upstreams: dict[str, tuple[str, ...]] = {}
         node = top.get("routes")
         if node is not None:
-            routes = self.routes(node, known) or {}
-        default: str | None = None
+            route_upstreams = self.routes(node, known) or {}
+        routes = {ae: names[0] for ae, names in route_upstreams.items()}
+        defaults: tuple[str, ...] = ()
         node = top.get("default_upstream")
         if node is not None:
-            default = self.upstream_ref(node, known, "'default_upstream'")
+            defaults = self.upstream_refs(node, known, "'default_upstream'") or ()
+        default = defaults[0] if defaults else None
+
+        metrics: MetricsConfig | None = None
+        node = top.get("metrics")
+        if node is not None:
+            metrics = self.metrics(node)
+        devices: dict[str, tuple[str, ...]] = {}
+        node = top.get("devices")
+        if node is not None:
+            devices = self.devices(node) or {}
 
         timeouts = Timeouts()
         node = top.get("timeouts")
@@ -325,6 +408,11 @@ class _Reader:
         node = top.get("max_associate_length")
         if node is not None:
             max_assoc = self.length(node, "'max_associate_length'") or max_assoc
+
+        limits = Limits()
+        node = top.get("limits")
+        if node is not None:
+            limits = self.limits(node, max_assoc) or limits
 
         rules: RuleSet | None = None
         rule_warnings: tuple[str, ...] = ()
@@ -346,6 +434,11 @@ class _Reader:
             max_associate_length=max_assoc,
             warnings=tuple(self.tls_warnings) + rule_warnings,
             rules=rules,
+            metrics=metrics,
+            devices=MappingProxyType(devices),
+            route_upstreams=MappingProxyType(route_upstreams),
+            default_upstreams=defaults,
+            limits=limits,
         )
 
     # Rules ------------------------------------------------------------------------------
@@ -443,9 +536,140 @@ class _Reader:
         tls_node = m.get("tls")
         if tls_node is not None:
             tls = self.listener_tls(tls_node, f"listener {name!r}" if name else "the listener")
-        if name is None or address is None or (tls_node is not None and tls is None):
+        owner = f"listener {name!r}" if name else "the listener"
+        proxied = self.proxy_protocol(m, owner)
+        if name is None or address is None or (tls_node is not None and tls is None) or proxied is None:
             return None
-        return Listener(name, address, tls)
+        return Listener(name, address, tls, proxy_protocol=proxied[0], trusted_proxies=proxied[1])
+
+    def proxy_protocol(self, m: MapNode, owner: str) -> tuple[bool, tuple[TrustedNetwork, ...]] | None:
+        """`proxy_protocol` and `trusted_proxies` of a listener: (False, ()) when absent."""
+        c = self.check
+        enabled: bool | None = False
+        flag_node = m.get("proxy_protocol")
+        if flag_node is not None:
+            enabled = self.boolean(flag_node, f"'proxy_protocol' in {owner}")
+        networks: tuple[TrustedNetwork, ...] | None = ()
+        trusted_node = m.get("trusted_proxies")
+        if trusted_node is not None:
+            networks = self.networks(trusted_node, f"'trusted_proxies' in {owner}")
+        if enabled is None or networks is None:
+            return None
+        trusted_key = m.key_node("trusted_proxies")
+        if enabled and trusted_node is None:
+            c.add(m.key_node("proxy_protocol") or m,
+                  f"{owner} has 'proxy_protocol: true' but no 'trusted_proxies': list the addresses of the "
+                  "load balancers (e.g. [10.0.5.10, 10.0.5.11]); a header from anyone else is refused")
+            return None
+        if not enabled and trusted_key is not None:
+            c.add(trusted_key, f"'trusted_proxies' in {owner} has no effect without 'proxy_protocol: true'")
+            return None
+        for network in networks:
+            if network.prefixlen == 0 and trusted_node is not None:
+                self.warn(trusted_node, f"{owner} trusts PROXY headers from every address ({network}): any "
+                                        "client can claim any source address and slip past source rules "
+                                        "and limits")
+        return bool(enabled), networks
+
+    def networks(self, node: Node, what: str) -> tuple[TrustedNetwork, ...] | None:
+        """One address or CIDR network, or a non-empty list of them."""
+        if isinstance(node, ScalarNode):
+            items: tuple[Node, ...] = (node,)
+        else:
+            seq = self.check.sequence(node, what)
+            if seq is None:
+                return None
+            items = seq.items
+        out: list[TrustedNetwork] = []
+        ok = True
+        for item in items:
+            text = self.check.string(item, f"an entry of {what}")
+            if text is None:
+                ok = False
+                continue
+            try:
+                network = ipaddress.ip_network(text.strip(), strict=True)
+            except ValueError as exc:
+                hint = ""
+                if "host bits set" in str(exc):
+                    loose = ipaddress.ip_network(text.strip(), strict=False)
+                    host = text.strip().split("/", 1)[0]
+                    hint = f": write {loose} for the network, or {host} for the one host"
+                self.check.add(item, f"{what}: {text!r} is not an IP address or CIDR network{hint}")
+                ok = False
+                continue
+            if network not in out:
+                out.append(network)
+        return tuple(out) if ok else None
+
+    # Limits -----------------------------------------------------------------------------
+
+    def limits(self, node: Node, max_associate_length: int) -> Limits | None:
+        c = self.check
+        what = "'limits'"
+        m = c.mapping(node, what)
+        if m is None:
+            return None
+        ok = c.keys(m, what, optional=LIMIT_KEYS)
+        counts: dict[str, int] = {}
+        for key in ("max_associations", "per_listener", "per_source", "per_calling_ae", "burst"):
+            value_node = m.get(key)
+            if value_node is None:
+                continue
+            count = c.integer(value_node, f"'{key}' in {what}", low=1, high=MAX_LIMIT_COUNT)
+            if count is None:
+                ok = False
+            else:
+                counts[key] = count
+        rate: float | None = None
+        rate_node = m.get("rate")
+        if rate_node is not None:
+            rate = c.number(rate_node, f"'rate' in {what} (connections per second from one source)",
+                            positive=True, high=float(MAX_LIMIT_COUNT))
+            ok = ok and rate is not None
+        burst_key = m.key_node("burst")
+        if burst_key is not None and rate_node is None:
+            c.add(burst_key, f"'burst' in {what} needs 'rate' (the bucket refills at 'rate' per second)")
+            ok = False
+        rq_size: int | None = None
+        rq_node = m.get("max_associate_rq_size")
+        if rq_node is not None:
+            rq_size = self.length(rq_node, f"'max_associate_rq_size' in {what}")
+            ok = ok and rq_size is not None
+            if rq_size is not None and rq_size > max_associate_length:
+                self.warn(rq_node, f"'max_associate_rq_size' ({rq_size}) is above 'max_associate_length' "
+                                   f"({max_associate_length}), which caps the A-ASSOCIATE-RQ first")
+        prefix = 64
+        prefix_node = m.get("ipv6_prefix")
+        if prefix_node is not None:
+            value = c.integer(prefix_node, f"'ipv6_prefix' in {what}", low=32, high=128)
+            ok = ok and value is not None
+            prefix = value if value is not None else prefix
+        tracked = DEFAULT_MAX_TRACKED_SOURCES
+        tracked_node = m.get("max_tracked_sources")
+        if tracked_node is not None:
+            value = c.integer(tracked_node, f"'max_tracked_sources' in {what}", low=100, high=10_000_000)
+            ok = ok and value is not None
+            tracked = value if value is not None else tracked
+        if not ok:
+            return None
+        total = counts.get("max_associations")
+        if total is not None:
+            for key in ("per_listener", "per_source", "per_calling_ae"):
+                if counts.get(key, 0) > total:
+                    self.warn(m.get(key) or m, f"'{key}' ({counts[key]}) is above 'max_associations' ({total}) "
+                                               "and can never be reached")
+        return Limits(
+            max_associations=total,
+            per_listener=counts.get("per_listener"),
+            per_source=counts.get("per_source"),
+            per_calling_ae=counts.get("per_calling_ae"),
+            rate=rate,
+            burst=counts.get("burst"),
+            max_associate_rq_size=rq_size,
+            ipv6_prefix=prefix,
+            max_tracked_sources=tracked,
+        )
 
     def listener_tls(self, node: Node, owner: str) -> ListenerTLS | None:
         c = self.check
@@ -655,9 +879,14 @@ class _Reader:
         if tls_node is not None:
             tls = self.tls(tls_node, what)
             tls_ok = tls is not None
+        health: HealthCheck | None = None
+        health_node = m.get("health")
+        if health_node is not None:
+            health = self.health(health_node, what)
+            tls_ok = tls_ok and health is not None
         if address is None or not tls_ok:
             return None
-        return Upstream(name, address, tls)
+        return Upstream(name, address, tls, health)
 
     def tls(self, node: Node, owner: str) -> UpstreamTLS | None:
         c = self.check
@@ -807,7 +1036,7 @@ class _Reader:
 
     # Routes -----------------------------------------------------------------------------
 
-    def routes(self, node: Node, known: set[str] | None) -> dict[str, str] | None:
+    def routes(self, node: Node, known: set[str] | None) -> dict[str, tuple[str, ...]] | None:
         c = self.check
         m = c.mapping(node, "'routes'")
         if m is None:
@@ -815,12 +1044,12 @@ class _Reader:
         if not m.entries:
             c.add(m, "'routes' must not be empty (remove the key to route everything to default_upstream)")
             return None
-        out: dict[str, str] = {}
+        out: dict[str, tuple[str, ...]] = {}
         where: dict[str, ScalarNode] = {}
         ok = True
         for key, value in m:
             ae = self.ae_title(key)
-            target = self.upstream_ref(value, known, f"the route for {key.text!r}")
+            target = self.upstream_refs(value, known, f"the route for {key.text!r}")
             if ae is None or target is None:
                 ok = False
                 continue
@@ -852,6 +1081,190 @@ class _Reader:
             self.check.add(node, f"unknown upstream {name!r} in {what} (defined upstreams: {names})")
             return None
         return name
+
+    def upstream_refs(self, node: Node, known: set[str] | None, what: str) -> tuple[str, ...] | None:
+        """One upstream name, or a non-empty list of them in priority order (failover)."""
+        if isinstance(node, ScalarNode):
+            name = self.upstream_ref(node, known, what)
+            return None if name is None else (name,)
+        seq = self.check.sequence(node, what)
+        if seq is None:
+            return None
+        names: list[str] = []
+        ok = True
+        for item in seq:
+            name = self.upstream_ref(item, known, what)
+            if name is None:
+                ok = False
+            elif name in names:
+                self.check.add(item, f"upstream {name!r} is listed twice in {what}")
+                ok = False
+            else:
+                names.append(name)
+        return tuple(names) if ok else None
+
+    # Health checks, metrics, devices ----------------------------------------------------
+
+    def health(self, node: Node, owner: str) -> HealthCheck | None:
+        c = self.check
+        what = f"'health' of {owner}"
+        m = c.mapping(node, what)
+        if m is None:
+            return None
+        ok = c.keys(m, what, required=HEALTH_KEYS[:1], optional=HEALTH_KEYS[1:])
+        values: dict[str, str | float | int] = {}
+        for key in ("called_ae", "calling_ae"):
+            value_node = m.get(key)
+            if value_node is None:
+                continue
+            title = self.ae_title(value_node) if isinstance(value_node, ScalarNode) else None
+            if not isinstance(value_node, ScalarNode):
+                c.add(value_node, f"'{key}' in {what} must be an AE title, got {describe(value_node)}")
+            if title is None:
+                ok = False
+            else:
+                values[key] = title
+        for key in ("interval", "timeout"):
+            value_node = m.get(key)
+            if value_node is None:
+                continue
+            number = c.number(value_node, f"'{key}' in {what} (seconds)", positive=True, high=MAX_TIMEOUT)
+            if number is None:
+                ok = False
+            else:
+                values[key] = number
+        for key in ("rise", "fall"):
+            value_node = m.get(key)
+            if value_node is None:
+                continue
+            count = c.integer(value_node, f"'{key}' in {what}", low=1, high=100)
+            if count is None:
+                ok = False
+            else:
+                values[key] = count
+        if not ok or "called_ae" not in values:
+            return None
+        return HealthCheck(**values)  # type: ignore[arg-type]
+
+    def metrics(self, node: Node) -> MetricsConfig | None:
+        c = self.check
+        m = c.mapping(node, "'metrics'")
+        if m is None:
+            return None
+        ok = c.keys(m, "'metrics'", required=METRICS_KEYS[:1], optional=METRICS_KEYS[1:])
+        address_node = m.get("address")
+        address = None
+        if address_node is not None:
+            address = self.address(address_node, "the address of 'metrics'", listener=True)
+        tls: MetricsTLS | None = None
+        tls_node = m.get("tls")
+        if tls_node is not None:
+            tls_map = c.mapping(tls_node, "'tls' of 'metrics'")
+            tls_ok = tls_map is not None and c.keys(tls_map, "'tls' of 'metrics'", required=METRICS_TLS_KEYS)
+            files = self.tls_files(tls_map, "'tls' of 'metrics'", METRICS_TLS_KEYS) if tls_map is not None else None
+            cert, key = (files or {}).get("cert"), (files or {}).get("key")
+            if tls_ok and tls_map is not None and cert is not None and key is not None:
+                tls_ok = self.check_pair(tls_map, cert, key)
+            if tls_ok and cert is not None and key is not None:
+                tls = MetricsTLS(cert, key)
+            else:
+                ok = False
+        auth: BasicAuth | None = None
+        auth_node = m.get("basic_auth")
+        if auth_node is not None:
+            auth = self.basic_auth(auth_node)
+            ok = ok and auth is not None
+        if auth is not None and tls is None:
+            key_node = m.key_node("basic_auth") or m
+            self.warn(key_node, "'metrics' has 'basic_auth' but no 'tls': the password crosses the network "
+                                "in clear text")
+        if not ok or address is None:
+            return None
+        return MetricsConfig(address, tls, auth)
+
+    def basic_auth(self, node: Node) -> BasicAuth | None:
+        c = self.check
+        what = "'basic_auth' of 'metrics'"
+        m = c.mapping(node, what)
+        if m is None:
+            return None
+        ok = c.keys(m, what, required=BASIC_AUTH_KEYS)
+        username: str | None = None
+        user_node = m.get("username")
+        if user_node is not None:
+            username = c.string(user_node, f"'username' in {what}")
+            if username is not None and (":" in username or not username.isprintable()):
+                c.add(user_node, f"'username' in {what} must be printable and must not contain ':'")
+                username = None
+        password: Path | None = None
+        password_node = m.get("password_file")
+        if password_node is not None:
+            password = self.file(password_node, f"'password_file' in {what}")
+            if password is not None:
+                try:
+                    read_passphrase(password)
+                except (OSError, ValueError) as exc:
+                    words = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                    c.add(password_node, f"cannot use the password file {password}: {words}")
+                    password = None
+            if password is not None and password.stat().st_mode & 0o077:
+                self.warn(password_node, f"{password} is readable by other users; chmod 600 it")
+        if not ok or username is None or password is None:
+            return None
+        return BasicAuth(username, password)
+
+    def devices(self, node: Node) -> dict[str, tuple[str, ...]] | None:
+        """`devices: {name: pattern | [patterns]}`: calling AE title globs per device name."""
+        from proxy.policy.loader import compile_glob
+
+        c = self.check
+        m = c.mapping(node, "'devices'")
+        if m is None:
+            return None
+        if not m.entries:
+            c.add(m, "'devices' must not be empty (remove the key: every device is then 'other')")
+            return None
+        out: dict[str, tuple[str, ...]] = {}
+        claimed: dict[str, str] = {}
+        ok = True
+        for key, value in m:
+            name = self.name(key, "device")
+            if name is not None and name == RESERVED_DEVICE:
+                c.add(key, f"device name {RESERVED_DEVICE!r} is reserved for AE titles no device matches")
+                name = None
+            what = f"the AE title patterns of device {key.text!r}"
+            items: tuple[Node, ...]
+            if isinstance(value, ScalarNode):
+                items = (value,)
+            else:
+                seq = c.sequence(value, what)
+                items = seq.items if seq is not None else ()
+                ok = ok and seq is not None
+            patterns: list[str] = []
+            for item in items:
+                text = self.ae_title(item) if isinstance(item, ScalarNode) else None
+                if not isinstance(item, ScalarNode):
+                    c.add(item, f"{what}: a pattern must be a string, got {describe(item)}")
+                if text is None:
+                    ok = False
+                    continue
+                try:
+                    compile_glob(text)
+                except ValueError as exc:
+                    c.add(item, f"{what}: {exc}")
+                    ok = False
+                    continue
+                if text in claimed:
+                    c.add(item, f"pattern {text!r} is already used by device {claimed[text]!r}")
+                    ok = False
+                    continue
+                claimed[text] = key.text
+                patterns.append(text)
+            if name is None:
+                ok = False
+            elif patterns:
+                out[name] = tuple(patterns)
+        return out if ok else None
 
     # Scalars ----------------------------------------------------------------------------
 
@@ -906,10 +1319,15 @@ __all__ = [
     "DEFAULT_TLS_PROFILE",
     "TLS_PROFILE_NAMES",
     "Address",
+    "BasicAuth",
     "CertPin",
     "ConfigErrors",
+    "HealthCheck",
+    "Limits",
     "Listener",
     "ListenerTLS",
+    "MetricsConfig",
+    "MetricsTLS",
     "ProxyConfig",
     "TLSProfileName",
     "Timeouts",

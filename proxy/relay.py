@@ -41,6 +41,7 @@ from proxy.dul.items import PresentationContextACItem, UserIdentityRQSubItem
 from proxy.dul.machine import Action, Side, State, advance
 from proxy.dul.pdus import AAbort, AAssociateAC, AAssociateRJ, AAssociateRQ, check_pdvs, iter_pdvs, parse_pdu
 from proxy.errors import RemotePDUError
+from proxy.limits import LimitReason, LimitTracker
 from proxy.policy.model import AssociationFacts, CertFacts, Decision, DimseFacts, IdentityFacts
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ class Leg(asyncio.Protocol):
         self.quickack_sock: socket.socket | None = None
         self.closed = False
         self.draining = False  # Sta13: read and discard until the peer closes
+        self.admit_by_peername = False  # plaintext listener via create_server: rate check at connect
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -109,6 +111,10 @@ class Leg(asyncio.Protocol):
         sock = _set_tcp_options(transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         if self.side is Side.REQUESTOR:
+            if self.admit_by_peername and self.assoc.limits is not None:
+                peer = transport.get_extra_info("peername")
+                if isinstance(peer, tuple):
+                    self.assoc.limited = self.assoc.limits.admit(peer[0])
             if self.assoc.quickack and transport.get_extra_info("sslcontext") is None:
                 self.quickack_sock = sock
             self.assoc.client_connected(self)
@@ -151,7 +157,11 @@ class Leg(asyncio.Protocol):
             return
         self.draining = True
         if transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the peer reset the connection right after our last PDU
+                transport.close()
+                return
             transport.resume_reading()
             asyncio.get_running_loop().call_later(grace, transport.close)
         else:
@@ -177,7 +187,14 @@ class Association:
         routes: Mapping[str, UpstreamRoute],
         on_done: Callable[[Association], None],
         quickack: bool = True,
+        limits: LimitTracker | None = None,
+        client_address: tuple[str, int] | None = None,
+        limited: LimitReason | None = None,
     ) -> None:
+        self.limits = limits
+        self.client_address = client_address  # from a PROXY header: the real client
+        self.limited = limited  # set at accept when the per-source rate refused the connection
+        self.limit_hold: tuple[str, str, str] | None = None
         self.id = f"a{next(_ids)}"
         self.config = config
         self.listener = listener
@@ -190,7 +207,9 @@ class Association:
         self.state = State.STA2_AWAITING_RQ
         cap = config.max_pdu_length
         self.framers = {
-            Side.REQUESTOR: PDUFramer(max_pdata_length=cap, max_associate_length=config.max_associate_length),
+            Side.REQUESTOR: PDUFramer(
+                max_pdata_length=cap, max_associate_length=config.limits.associate_cap(config.max_associate_length)
+            ),
             Side.ACCEPTOR: PDUFramer(
                 max_pdata_length=cap, max_associate_length=config.max_associate_length, sniff_foreign=False
             ),
@@ -254,7 +273,7 @@ class Association:
     # ---- events from the legs ---------------------------------------------------------------
     def client_connected(self, leg: Leg) -> None:
         self.legs[Side.REQUESTOR] = leg
-        peer = leg.transport.get_extra_info("peername") if leg.transport else None
+        peer = self.client_address or (leg.transport.get_extra_info("peername") if leg.transport else None)
         if isinstance(peer, tuple):
             host, port = peer[0], peer[1]
             self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -466,6 +485,9 @@ class Association:
                          f"application context {rq.application_context!r} is not DICOM's")
             return
         self.rq = rq
+        if self.limited is not None:
+            self._reject_limited(self.limited)
+            return
         if self.listener.tls is not None and self.listener.tls.bind_ae:
             allowed = tls.bound_ae_titles(self.listener.tls.bind_ae, self.client_cert)
             if allowed is not None and self.calling_ae not in allowed:
@@ -507,6 +529,13 @@ class Association:
                     called_ae=decision.rewrite_called_ae or rq.called_ae,
                     calling_ae=decision.rewrite_calling_ae or rq.calling_ae,
                 )
+        if self.limits is not None:
+            source_ip = self._source_ip()
+            refused = self.limits.try_acquire(self.listener_name, source_ip, self.calling_ae)
+            if refused is not None:
+                self._reject_limited(refused)
+                return
+            self.limit_hold = (self.listener_name, source_ip, self.calling_ae)
         if not upstream_names:
             routed = self.config.routes.get(self.called_ae, self.config.default_upstream)
             upstream_names = (routed,) if routed else ()
@@ -521,9 +550,22 @@ class Association:
         self._connect_task = self.loop.create_task(self._open_upstream(route, rq), name=f"{self.id}-upstream")
         self._connect_task.add_done_callback(lambda _t: self._maybe_done())
 
-    def _facts(self, rq: AAssociateRQ) -> AssociationFacts:
+    def _source_ip(self) -> str:
+        if self.client_address is not None:
+            return self.client_address[0]
         leg = self.legs.get(Side.REQUESTOR)
         peer = leg.transport.get_extra_info("peername") if leg and leg.transport else None
+        return str(peer[0]) if isinstance(peer, tuple) else "unknown"
+
+    def _reject_limited(self, reason: LimitReason) -> None:
+        self.failure_reason = f"limit_{reason.value}"
+        self._reject(RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                     RejectReasonPresentation.LOCAL_LIMIT_EXCEEDED, f"limit '{reason.value}' reached",
+                     outcome="rejected_by_limit")
+
+    def _facts(self, rq: AAssociateRQ) -> AssociationFacts:
+        leg = self.legs.get(Side.REQUESTOR)
+        peer = self.client_address or (leg.transport.get_extra_info("peername") if leg and leg.transport else None)
         source = ipaddress.ip_address(peer[0]) if isinstance(peer, tuple) else ipaddress.ip_address("0.0.0.0")
         identity = None
         info = rq.user_information
@@ -766,6 +808,9 @@ class Association:
         ):
             self._done = True
             self._disarm()
+            if self.limit_hold is not None and self.limits is not None:
+                self.limits.release(*self.limit_hold)
+                self.limit_hold = None
             self.on_done(self)
 
     @property

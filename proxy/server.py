@@ -8,15 +8,17 @@ import logging
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from proxy import config as config_mod
-from proxy import sdnotify, tls
+from proxy import proxyproto, sdnotify, tls
 from proxy.config import Listener, ProxyConfig
 from proxy.dul.machine import Side
 from proxy.errors import ConfigErrors, ProxyError
+from proxy.limits import LimitReason, LimitTracker
 from proxy.relay import Association, Leg, UpstreamRoute
 
 log = logging.getLogger("proxy.server")
@@ -61,17 +63,23 @@ class RelayServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self.bound: dict[str, tuple[str, int]] = {}
+        self.limits = LimitTracker(config.limits, time.monotonic)
 
-    def _new_association(self, listener: Listener) -> Association:
+    def _new_association(
+        self, listener: Listener, client: tuple[str, int] | None = None, limited: LimitReason | None = None
+    ) -> Association:
         assoc = Association(
-            config=self.config, listener=listener, routes=self.routes, on_done=self._association_done
+            config=self.config, listener=listener, routes=self.routes, on_done=self._association_done,
+            limits=self.limits, client_address=client, limited=limited,
         )
         self.live.add(assoc)
         self._idle.clear()
         return assoc
 
     def _new_leg(self, listener: Listener) -> Leg:
-        return Leg(self._new_association(listener), Side.REQUESTOR)
+        leg = Leg(self._new_association(listener), Side.REQUESTOR)
+        leg.admit_by_peername = True  # plaintext, no PROXY header: the rate check at connection_made
+        return leg
 
     def _association_done(self, assoc: Association) -> None:
         self.live.discard(assoc)
@@ -88,7 +96,7 @@ class RelayServer:
         log_warnings(self.config)
         for listener in self.config.listeners:
             host, port = listener.address.host, listener.address.port
-            if listener.tls is None:
+            if listener.tls is None and not listener.proxy_protocol:
                 server = await loop.create_server(
                     lambda listener=listener: self._new_leg(listener),  # type: ignore[misc]
                     host,
@@ -104,14 +112,14 @@ class RelayServer:
                 lsock.setblocking(False)
                 self._tls_sockets.append(lsock)
                 sockets = [lsock.getsockname()[:2]]
-                self._spawn(self._accept_tls(listener, lsock), f"accept-{listener.name}")
+                self._spawn(self._accept(listener, lsock), f"accept-{listener.name}")
             for bound_host, bound_port in sockets:
                 self.bound[listener.name] = (bound_host, bound_port)
                 kind = f"TLS, profile {listener.tls.profile}" if listener.tls else "plaintext"
                 log.info("listening on %s (listener %s, %s)", _shown(bound_host, bound_port), listener.name, kind)
 
     # ---- TLS listeners: peek before the handshake, so plaintext DICOM can be named ----------
-    async def _accept_tls(self, listener: Listener, lsock: socket.socket) -> None:
+    async def _accept(self, listener: Listener, lsock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -121,13 +129,40 @@ class RelayServer:
                     return
                 log.warning("listener %s: accept failed: %s", listener.name, exc)
                 continue
-            self._spawn(self._start_tls(listener, conn, addr), f"tls-{listener.name}")
+            self._spawn(self._start_conn(listener, conn, addr), f"conn-{listener.name}")
 
-    async def _start_tls(self, listener: Listener, conn: socket.socket, addr: tuple[str, int]) -> None:
+    async def _start_conn(self, listener: Listener, conn: socket.socket, addr: tuple[str, int]) -> None:
+        """A connection on a TLS or a proxy_protocol listener: PROXY header first (it comes before
+        the TLS ClientHello), then the per-source rate, then TLS or straight to the relay."""
         loop = asyncio.get_running_loop()
-        peer = _shown(addr[0], addr[1])
         conn.setblocking(False)
         timeout = self.config.timeouts.artim
+        client = (addr[0], addr[1])
+        if listener.proxy_protocol:
+            if not proxyproto.is_trusted(addr[0], listener.trusted_proxies):
+                log.warning("%s: not in trusted_proxies of listener %s; closed", _shown(*client), listener.name)
+                conn.close()
+                return
+            try:
+                async with asyncio.timeout(timeout):
+                    header = await proxyproto.read_header(loop, conn)
+            except (proxyproto.ProxyProtocolError, TimeoutError, OSError) as exc:
+                words = str(exc) or f"no PROXY header within {timeout:.0f} s"
+                log.warning("%s: listener %s: %s; closed", _shown(*client), listener.name, words)
+                conn.close()
+                return
+            if header.source is not None:  # None: LOCAL (HAProxy's own health check) or UNKNOWN
+                client = header.source
+        limited = self.limits.admit(client[0])
+        if listener.tls is None:
+            try:
+                await loop.connect_accepted_socket(
+                    lambda: Leg(self._new_association(listener, client, limited), Side.REQUESTOR), conn
+                )
+            except OSError:
+                conn.close()
+            return
+        peer = _shown(*client)
         try:
             async with asyncio.timeout(timeout):
                 first = await _peek(loop, conn)
@@ -149,7 +184,7 @@ class RelayServer:
         created: list[Association] = []
 
         def factory() -> Leg:
-            assoc = self._new_association(listener)
+            assoc = self._new_association(listener, client, limited)
             created.append(assoc)
             return Leg(assoc, Side.REQUESTOR)
 
@@ -181,6 +216,7 @@ class RelayServer:
         ]:
             log.warning("reload: added, removed or moved listeners take effect only after a restart")
         self.config = new
+        self.limits.reconfigure(new.limits)
         self.routes = routes
         self.listener_contexts.update(contexts)
         log_warnings(new)

@@ -146,7 +146,8 @@ def test_plaintext_and_system_trust_store(tmp_path: Path) -> None:
         ),
         pytest.param(
             MINIMAL.replace("address: \"127.0.0.1:104\"", "address: \"127.0.0.1:104\", tsl: {}"),
-            r"proxy.yaml:4:36: error: unknown key 'tsl' in upstream 'pacs' \(expected one of: 'address', 'tls'\)",
+            r"proxy.yaml:4:36: error: unknown key 'tsl' in upstream 'pacs' "
+            r"\(expected one of: 'address', 'tls', 'health'\)",
             id="unknown-upstream-key",
         ),
         pytest.param(
