@@ -157,6 +157,22 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_echo(args: argparse.Namespace) -> int:
+    """One C-ECHO association to an upstream, as the health probes make it, each step timed."""
+    from proxy import config, upstream
+
+    try:
+        cfg = config.load(Path(args.config))
+    except (ConfigErrors, ConfigError) as exc:
+        _print_config_errors(exc)
+        return 1
+    except OSError as exc:
+        print(f"{args.config}: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return upstream.run_echo(cfg, args.upstream, called_ae=args.called_ae, calling_ae=args.calling_ae,
+                             timeout=args.timeout)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy import demo
 
@@ -214,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--name", metavar="STEM", help="file name stem (default: derived from --cn)")
     issue.add_argument("--force", action="store_true", help="overwrite existing files")
     issue.set_defaults(func=cmd_certs_issue)
+
+    echo = sub.add_parser("echo", help="C-ECHO an upstream through its TLS settings; time each step")
+    echo.add_argument("-c", "--config", required=True)
+    echo.add_argument("upstream", help="upstream name in proxy.yaml")
+    echo.add_argument("--called-ae", help="default: health.called_ae of the upstream, else ANY-SCP")
+    echo.add_argument("--calling-ae", help="default: health.calling_ae of the upstream, else DICOMPROXY")
+    echo.add_argument("--timeout", type=float, help="seconds for the whole probe (default: health.timeout, else 5)")
+    echo.set_defaults(func=cmd_echo)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo (TLS-only archive, proxy, sample images)")
     demo.add_argument("--workdir", default="demo-run")

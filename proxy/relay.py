@@ -42,10 +42,13 @@ from proxy.dul.machine import Action, Side, State, advance
 from proxy.dul.pdus import AAbort, AAssociateAC, AAssociateRJ, AAssociateRQ, check_pdvs, iter_pdvs, parse_pdu
 from proxy.errors import RemotePDUError
 from proxy.limits import LimitReason, LimitTracker
+from proxy.metrics import NULL_RECORDER, AssociationRecorder
 from proxy.policy.model import AssociationFacts, CertFacts, Decision, DimseFacts, IdentityFacts
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+    from proxy.upstream import UpstreamHealth
 
 log = logging.getLogger("proxy.relay")
 
@@ -172,6 +175,26 @@ class Leg(asyncio.Protocol):
             self.transport.abort()
 
 
+async def _connect_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """TCP connect alone (so the TLS handshake can be timed apart); every address in turn."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    error: OSError | None = None
+    for family, kind, proto, _name, address in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise error or OSError(f"cannot resolve {host}")
+
+
 def _other(side: Side) -> Side:
     return Side.ACCEPTOR if side is Side.REQUESTOR else Side.REQUESTOR
 
@@ -190,6 +213,8 @@ class Association:
         limits: LimitTracker | None = None,
         client_address: tuple[str, int] | None = None,
         limited: LimitReason | None = None,
+        recorder: AssociationRecorder = NULL_RECORDER,
+        health: UpstreamHealth | None = None,
     ) -> None:
         self.limits = limits
         self.client_address = client_address  # from a PROXY header: the real client
@@ -231,6 +256,8 @@ class Association:
         self.gate: RequestGate | None = None  # DIMSE rules: holds request commands until decided
         self.accepted_contexts: frozenset[int] | None = None  # set when context filtering applies
         self.failure_reason = ""  # a bounded label (tls, timeout, unreachable, ...) when setup failed
+        self.recorder = recorder  # metrics (proxy.metrics); NULL_RECORDER when they are off
+        self.health = health  # upstream health (proxy.upstream); None = every upstream counts as up
 
     # ---- naming for logs -------------------------------------------------------------------
     def _who(self) -> str:
@@ -306,13 +333,17 @@ class Association:
         try:
             frames = framer.feed(data)
         except ForeignProtocolError as exc:
+            self.recorder.received(side, len(data), ())
+            self.recorder.protocol_error(side, exc)
             log.warning("%s: %s; closing without a DICOM answer", self._who(), exc)
             self.outcome = f"foreign_{exc.protocol}"
             self._close_all()
             return
         except RemotePDUError as exc:
+            self.recorder.received(side, len(data), ())
             self._protocol_error(side, exc)
             return
+        self.recorder.received(side, len(data), frames)
         if frames:
             self._process(side, frames)
         if framer.error is not None and not self._done and self.state is not State.STA13_CLOSING:
@@ -323,6 +354,7 @@ class Association:
         if self.state is State.STA6_ESTABLISHED and other is not None and not self._inspecting:
             # Hot path: a run of P-DATA-TF PDUs goes out in one write.
             batch: list[memoryview] = []
+            dimse = self.recorder.dimse_enabled
             for i, frame in enumerate(frames):
                 if frame.pdu_type != P_DATA:
                     if batch:
@@ -336,6 +368,8 @@ class Association:
                         other.writelines(batch)
                     self._protocol_error(side, exc)
                     return
+                if dimse:
+                    self.recorder.pdata(side, frame.data)
                 batch.append(frame.data)
             if len(batch) == 1:
                 other.write(batch[0])
@@ -358,8 +392,12 @@ class Association:
                 if frame.pdu_type == P_DATA:
                     if self._inspecting and action is Action.FORWARD:
                         self._forward_inspected(side, next_state, frame)
+                        if self.recorder.dimse_enabled:
+                            self.recorder.pdata(side, frame.data)
                         continue
                     check_pdvs(frame.data[6:])
+                    if action is Action.FORWARD and self.recorder.dimse_enabled:
+                        self.recorder.pdata(side, frame.data)
                 self._act(side, action, next_state, frame)
             except RemotePDUError as exc:
                 self._protocol_error(side, exc)
@@ -452,6 +490,7 @@ class Association:
             priority=command.priority,
         )
         decision = rules.evaluate_dimse(self.facts, dimse)
+        self.recorder.rule_decision(decision)
         for rule, action in decision.shadow_matches:
             log.info("%s: shadow rule %s would %s %s (not enforced)", self._who(), rule, action, name)
         if decision.action == "refuse":
@@ -474,6 +513,7 @@ class Association:
         assert isinstance(rq, AAssociateRQ)
         self.calling_ae = rq.calling_ae_title
         self.called_ae = rq.called_ae_title
+        self.recorder.requested(self.calling_ae)
         if not rq.protocol_version & 1:
             self._reject(RejectResult.PERMANENT, RejectSource.SERVICE_PROVIDER_ACSE,
                          RejectReasonACSE.PROTOCOL_VERSION_NOT_SUPPORTED,
@@ -506,6 +546,7 @@ class Association:
             self.facts = self._facts(rq)
             decision = rules.evaluate(self.facts)
             self.decision = decision
+            self.recorder.rule_decision(decision)
             for rule, action in decision.shadow_matches:
                 log.info("%s: shadow rule %s would %s (not enforced)", self._who(), rule, action)
             if decision.action == "reject":
@@ -537,9 +578,14 @@ class Association:
                 return
             self.limit_hold = (self.listener_name, source_ip, self.calling_ae)
         if not upstream_names:
-            routed = self.config.routes.get(self.called_ae, self.config.default_upstream)
-            upstream_names = (routed,) if routed else ()
-        name = next((n for n in upstream_names if n in self.routes), None)
+            upstream_names = self.config.upstream_names_for(self.called_ae)
+        candidates = [n for n in upstream_names if n in self.routes]
+        name = self.health.pick(candidates) if self.health is not None else next(iter(candidates), None)
+        if candidates and name is None:
+            self.recorder.routed(candidates[0])  # counted against the preferred upstream
+            self._reject_transient(f"every upstream for called AE title {self.called_ae!r} is down "
+                                   f"({', '.join(candidates)})", "all_down")
+            return
         route = self.routes.get(name) if name else None
         if route is None:
             self._reject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
@@ -547,6 +593,7 @@ class Association:
                          f"no route for called AE title {self.called_ae!r} and no default upstream")
             return
         self.upstream_name = name
+        self.recorder.routed(name)
         self._connect_task = self.loop.create_task(self._open_upstream(route, rq), name=f"{self.id}-upstream")
         self._connect_task.add_done_callback(lambda _t: self._maybe_done())
 
@@ -591,18 +638,27 @@ class Association:
         timeout = self.config.timeouts.connect
         try:
             async with asyncio.timeout(timeout):
-                _transport, leg = await self.loop.create_connection(
-                    lambda: Leg(self, Side.ACCEPTOR),
-                    up.address.host,
-                    up.address.port,
-                    ssl=route.ssl_context,
-                    server_hostname=route.server_hostname,
-                    ssl_handshake_timeout=timeout if route.ssl_context else None,
-                )
+                started = self.loop.time()
+                sock = await _connect_socket(self.loop, up.address.host, up.address.port)
+                connected = self.loop.time()
+                try:
+                    _transport, leg = await self.loop.create_connection(
+                        lambda: Leg(self, Side.ACCEPTOR),
+                        sock=sock,
+                        ssl=route.ssl_context,
+                        server_hostname=route.server_hostname,
+                        ssl_handshake_timeout=timeout if route.ssl_context else None,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
+                handshake = self.loop.time() - connected if route.ssl_context else None
+                self.recorder.upstream_connected(connected - started, handshake)
         except ssl.SSLError as exc:
-            _label, words = tls.describe_tls_error(
+            label, words = tls.describe_tls_error(
                 exc, server_name=route.server_hostname, profile=up.tls.profile if up.tls else None
             )
+            self.recorder.tls_handshake_failure(label)
             self._reject_transient(f"TLS to upstream {up.name} ({up.address}) failed: {words}", "tls")
             return
         except TimeoutError:
@@ -621,7 +677,8 @@ class Association:
         if up.tls is not None and up.tls.pin_sha256:
             sslobj = leg.transport.get_extra_info("ssl_object") if leg.transport else None
             if not tls.check_pin(sslobj, up.tls.pin_sha256):
-                _label, words = tls.describe_pin_mismatch(sslobj)
+                label, words = tls.describe_pin_mismatch(sslobj)
+                self.recorder.tls_handshake_failure(label)
                 leg.abort_now()
                 self._reject_transient(f"TLS to upstream {up.name} ({up.address}) failed: {words}", "tls")
                 return
@@ -651,6 +708,7 @@ class Association:
             # PS3.8 9.3.3: the AC echoes the RQ's AE fields; restore the modality's own after a rewrite
             ac = dataclasses.replace(ac, called_ae=self.rq.called_ae, calling_ae=self.rq.calling_ae)
         client.write(ac.with_max_length(to_client).encode())
+        self.recorder.accepted()
         self._keep_tls_session()
         accepted = sum(1 for pc in ac.presentation_contexts if pc.result == 0)
         log.info(
@@ -728,6 +786,7 @@ class Association:
         )
 
     def _protocol_error(self, side: Side, exc: RemotePDUError) -> None:
+        self.recorder.protocol_error(side, exc)
         log.warning(
             "%s: protocol error from the %s: %s; sending A-ABORT %d/%d",
             self._who(),

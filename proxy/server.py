@@ -19,7 +19,9 @@ from proxy.config import Listener, ProxyConfig
 from proxy.dul.machine import Side
 from proxy.errors import ConfigErrors, ProxyError
 from proxy.limits import LimitReason, LimitTracker
+from proxy.metrics import NULL_RECORDER, MetricsExporter, ProxyMetrics
 from proxy.relay import Association, Leg, UpstreamRoute
+from proxy.upstream import UpstreamHealth
 
 log = logging.getLogger("proxy.server")
 
@@ -36,6 +38,10 @@ def build_routes(config: ProxyConfig) -> dict[str, UpstreamRoute]:
                 log.warning("upstream %s: certificate verification is OFF (insecure_skip_verify)", name)
             routes[name] = UpstreamRoute(upstream, tls.upstream_context(upstream.tls))
     return routes
+
+
+def _contexts(routes: dict[str, UpstreamRoute]) -> dict[str, ssl.SSLContext | None]:
+    return {name: route.ssl_context for name, route in routes.items()}
 
 
 def build_listener_contexts(config: ProxyConfig) -> dict[str, ssl.SSLContext]:
@@ -63,6 +69,14 @@ class RelayServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self.bound: dict[str, tuple[str, int]] = {}
+        self.metrics: ProxyMetrics | None = None
+        self.exporter: MetricsExporter | None = None
+        if config.metrics is not None:
+            from prometheus_client import CollectorRegistry
+
+            self.metrics = ProxyMetrics(CollectorRegistry(), config)
+            self.exporter = MetricsExporter(config.metrics, self.metrics.registry, before_scrape=self.metrics.flush)
+        self.health = UpstreamHealth(config, contexts=_contexts(self.routes), observer=self.metrics)
         self.limits = LimitTracker(config.limits, time.monotonic)
 
     def _new_association(
@@ -71,6 +85,8 @@ class RelayServer:
         assoc = Association(
             config=self.config, listener=listener, routes=self.routes, on_done=self._association_done,
             limits=self.limits, client_address=client, limited=limited,
+            recorder=self.metrics.association(listener.name) if self.metrics else NULL_RECORDER,
+            health=self.health,
         )
         self.live.add(assoc)
         self._idle.clear()
@@ -82,6 +98,7 @@ class RelayServer:
         return leg
 
     def _association_done(self, assoc: Association) -> None:
+        assoc.recorder.finished(assoc.outcome)
         self.live.discard(assoc)
         if not self.live:
             self._idle.set()
@@ -94,6 +111,9 @@ class RelayServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         log_warnings(self.config)
+        if self.exporter is not None:
+            await self.exporter.start()
+        self.health.start()
         for listener in self.config.listeners:
             host, port = listener.address.host, listener.address.port
             if listener.tls is None and not listener.proxy_protocol:
@@ -173,7 +193,9 @@ class RelayServer:
             conn.close()
             return
         if first[:1] == b"\x01" or tls.sniff_plain_dicom_on_tls(first):
-            _label, words = tls.describe_plain_dicom_on_tls(listener.name)
+            label, words = tls.describe_plain_dicom_on_tls(listener.name)
+            if self.metrics is not None:
+                self.metrics.tls_handshake_failure("client", label)
             log.warning("%s: %s", peer, words)
             conn.close()
             return
@@ -192,7 +214,9 @@ class RelayServer:
             await loop.connect_accepted_socket(factory, conn, ssl=ctx, ssl_handshake_timeout=timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             profile = listener.tls.profile if listener.tls else None
-            _label, words = tls.describe_listener_tls_error(exc, profile)
+            label, words = tls.describe_listener_tls_error(exc, profile)
+            if self.metrics is not None:
+                self.metrics.tls_handshake_failure("client", label)
             log.warning("%s: TLS handshake on listener %s failed: %s", peer, listener.name, words)
             for assoc in created:
                 self._association_done(assoc)
@@ -207,9 +231,13 @@ class RelayServer:
             contexts = build_listener_contexts(new)
         except ConfigErrors as exc:
             log.error("reload failed, keeping the running configuration:\n%s", exc)
+            if self.metrics is not None:
+                self.metrics.reload_failed()
             return False
         except (ProxyError, OSError, ValueError, ssl.SSLError) as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
+            if self.metrics is not None:
+                self.metrics.reload_failed()
             return False
         if [(lst.name, lst.address, lst.tls is None) for lst in new.listeners] != [
             (lst.name, lst.address, lst.tls is None) for lst in self.config.listeners
@@ -219,6 +247,11 @@ class RelayServer:
         self.limits.reconfigure(new.limits)
         self.routes = routes
         self.listener_contexts.update(contexts)
+        self.health.reconfigure(new, _contexts(routes))
+        if self.metrics is not None:
+            self.metrics.reloaded(new)
+        if self.exporter is not None and new.metrics is not None:
+            self.exporter.reload(new.metrics)
         log_warnings(new)
         log.info("configuration reloaded from %s", path)
         return True
@@ -247,6 +280,9 @@ class RelayServer:
                     log.warning("%d association(s) did not close after abort", len(self.live))
         for server in self._servers:
             await server.wait_closed()
+        await self.health.stop()
+        if self.exporter is not None:
+            await self.exporter.close()
         log.info("stopped")
 
 
