@@ -429,8 +429,6 @@ limits:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _server_uses_limits() -> bool:
-    return "LimitTracker" in (REPO_ROOT / "proxy" / "server.py").read_text(encoding="utf-8")
 
 
 def _associate(port: int, calling: str) -> tuple[int, bytes, socket.socket]:
@@ -454,7 +452,6 @@ def _release(sock: socket.socket) -> None:
 LIMIT_RJ = bytes([0, 2, 3, 2])  # reserved, result 2 transient, source 3 presentation, reason 2 local limit
 
 
-@pytest.mark.skipif(not _server_uses_limits(), reason="proxy/server.py does not use proxy.limits yet")
 def test_proxy_enforces_limits(tmp_path: Path) -> None:
     """`dicom-proxy run` with `limits:`: per_calling_ae held then released, then (after a SIGHUP
     that swaps in a rate limit) the per-source token bucket; refusals are A-ASSOCIATE-RJ 2/3/2."""
@@ -512,6 +509,55 @@ def test_proxy_enforces_limits(tmp_path: Path) -> None:
                 sock.close()
         assert answers == [(0x02, b""), (0x02, b""), (0x03, LIMIT_RJ)]
         wait_for_line(proxy, r"2/3/2.*rate", 10)
+    finally:
+        assert proxy.stop(15) == 0, proxy.log_text()
+        server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("limits", "callers", "reason"),
+    [
+        ("max_associations: 2", ["CT1", "CT2", "CT3"], "global"),
+        ("per_listener: 2", ["CT1", "CT2", "CT3"], "listener"),
+        ("per_source: 2", ["CT1", "CT2", "CT3"], "source"),
+        ("per_calling_ae: 2", ["CT1", "CT1", "CT1"], "calling_ae"),
+    ],
+)
+def test_the_next_association_over_a_count_limit_gets_2_3_2(
+    tmp_path: Path, limits: str, callers: list[str], reason: str
+) -> None:
+    """The first N associations are held open and work; the N+1th is refused 2/3/2 with the reason."""
+    from pynetdicom import AE
+
+    from tests.peers import LOOPBACK, Peer, free_port, wait_for_line
+
+    scp = AE(ae_title="PACS")
+    scp.require_called_aet = False
+    scp.add_supported_context("1.2.840.10008.1.1")
+    upstream = free_port()
+    server = scp.start_server((LOOPBACK, upstream), block=False)
+    port = free_port()
+    config = tmp_path / "proxy.yaml"
+    config.write_text(
+        f"listeners: [{{name: modalities, address: '{LOOPBACK}:{port}'}}]\n"
+        f"upstreams: {{pacs: {{address: '{LOOPBACK}:{upstream}'}}}}\ndefault_upstream: pacs\n"
+        f"limits: {{{limits}}}\n"
+    )
+    proxy = Peer("proxy", [sys.executable, "-m", "proxy", "run", "-c", str(config)], tmp_path / "proxy.log",
+                 cwd=REPO_ROOT).start()
+    try:
+        wait_for_line(proxy, r"listening on", 15)
+        held = []
+        for calling in callers[:2]:
+            answer, _, sock = _associate(port, calling)
+            assert answer == 0x02
+            held.append(sock)
+        refused, body, sock = _associate(port, callers[2])
+        sock.close()
+        assert (refused, body) == (0x03, LIMIT_RJ)
+        wait_for_line(proxy, rf"2/3/2.*limit '{reason}'", 10)
+        for sock in held:  # the first N complete normally
+            _release(sock)
     finally:
         assert proxy.stop(15) == 0, proxy.log_text()
         server.shutdown()

@@ -845,8 +845,6 @@ def test_haproxy_check_fails_on_a_rejecting_scp(tmp_path: Path, short_tmp: Path)
 # --------------------------------------------------------------------------- the real proxy behind HAProxy
 
 
-def _server_uses_proxyproto() -> bool:
-    return "proxyproto" in (REPO_ROOT / "proxy" / "server.py").read_text(encoding="utf-8")
 
 
 def _raw_rq(port: int, prefix: bytes, calling: str = "RAWSCU") -> bytes:
@@ -866,7 +864,6 @@ def _raw_rq(port: int, prefix: bytes, calling: str = "RAWSCU") -> bytes:
         return bytes([pdu_type])
 
 
-@pytest.mark.skipif(not _server_uses_proxyproto(), reason="proxy/server.py does not use proxy.proxyproto yet")
 def test_proxy_behind_haproxy(tmp_path: Path, short_tmp: Path, verification_scp: int, dev_certs: Any) -> None:
     """HAProxy (send-proxy-v2, the README's C-ECHO tcp-check) in front of `dicom-proxy run` with
     proxy_protocol listeners, plaintext and TLS: checks go UP, a client's C-ECHO passes, the PROXY
