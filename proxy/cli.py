@@ -23,7 +23,17 @@ def _print_config_errors(exc: ConfigErrors | ConfigError) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from proxy import logsetup, server
 
-    logsetup.configure(args.log_level, args.log_format)
+    level, fmt = args.log_level, args.log_format
+    if level is None or fmt is None:
+        # the configuration's log_level/log_format apply unless the command line says otherwise
+        from proxy import config as config_mod
+
+        try:
+            loaded = config_mod.load(Path(args.config))
+            level, fmt = level or loaded.log_level, fmt or loaded.log_format
+        except (ConfigErrors, ConfigError, OSError):
+            level, fmt = level or "info", fmt or "text"  # server.run reports the errors
+    logsetup.configure(level, fmt)
     log.info("dicom-tls-proxy %s starting with %s", __version__, args.config)
     try:
         return asyncio.run(server.run(Path(args.config)))
@@ -186,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the proxy in the foreground (logs to stderr)")
     run.add_argument("-c", "--config", required=True, help="proxy.yaml")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    run.add_argument("--log-format", default="text", choices=["text", "json"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: log_level")
+    run.add_argument("--log-format", choices=["text", "json"], help="default: log_format (text)")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a configuration; errors as path:line:col")

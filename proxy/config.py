@@ -184,6 +184,9 @@ class ProxyConfig:
     default_upstreams: tuple[str, ...] = ()
     # `limits:` (proxy.limits): concurrency caps and per-source connection rate; all off by default
     limits: Limits = field(default_factory=Limits)
+    # `log_format` (text or json lines) and `log_level`; the command line flags win when given
+    log_format: str = "text"
+    log_level: str = "info"
 
     def upstream_names_for(self, called_ae: str) -> tuple[str, ...]:
         """The upstreams for a called AE title in priority order (its route, else the default);
@@ -206,7 +209,9 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 """A week: longer is a typo, and asyncio timers far in the future gain nothing."""
 
 TOP_KEYS = ("listeners", "upstreams", "routes", "default_upstream", "timeouts", "max_pdu_length",
-            "max_associate_length", "rules", "metrics", "devices", "limits")
+            "max_associate_length", "rules", "metrics", "devices", "limits", "log_format", "log_level")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 LISTENER_KEYS = ("name", "address", "tls", "proxy_protocol", "trusted_proxies")
 LIMIT_KEYS = ("max_associations", "per_listener", "per_source", "per_calling_ae", "rate", "burst",
               "max_associate_rq_size", "ipv6_prefix", "max_tracked_sources")
@@ -409,6 +414,9 @@ class _Reader:
         if node is not None:
             max_assoc = self.length(node, "'max_associate_length'") or max_assoc
 
+        log_format = self.choice(top.get("log_format"), "'log_format'", LOG_FORMATS, "text")
+        log_level = self.choice(top.get("log_level"), "'log_level'", LOG_LEVELS, "info")
+
         limits = Limits()
         node = top.get("limits")
         if node is not None:
@@ -439,7 +447,20 @@ class _Reader:
             route_upstreams=MappingProxyType(route_upstreams),
             default_upstreams=defaults,
             limits=limits,
+            log_format=log_format,
+            log_level=log_level,
         )
+
+    def choice(self, node: Node | None, what: str, allowed: tuple[str, ...], default: str) -> str:
+        if node is None:
+            return default
+        value = self.check.string(node, what)
+        if value is None:
+            return default
+        if value not in allowed:
+            self.check.add(node, f"{what} must be one of {', '.join(allowed)}, got {value!r}")
+            return default
+        return value
 
     # Rules ------------------------------------------------------------------------------
 

@@ -328,6 +328,7 @@ class AssociationRecorder:
         "bytes_to_client",
         "bytes_to_upstream",
         "device",
+        "dimse_counts",
         "listener",
         "requested_ae",
         "upstream",
@@ -346,6 +347,7 @@ class AssociationRecorder:
         self._tracker = DimseTracker() if dimse else None
         self._streams: list[MessageStream | None] = [MessageStream(), MessageStream()] if dimse else [None, None]
         self._dimse_requests: dict[str, int] = {}
+        self.dimse_counts: dict[str, int] = {}  # requests per command for this association (never flushed)
         self._dimse_responses: dict[tuple[str, str], int] = {}
         self._dimse_durations: list[tuple[str, float]] = []
         self._closed = False
@@ -411,6 +413,7 @@ class AssociationRecorder:
         for event in tracker.feed(side is _REQUESTOR, completed, self._metrics.clock()):
             if event.status_class is None:
                 self._dimse_requests[event.command] = self._dimse_requests.get(event.command, 0) + 1
+                self.dimse_counts[event.command] = self.dimse_counts.get(event.command, 0) + 1
             else:
                 key = (event.command, event.status_class)
                 self._dimse_responses[key] = self._dimse_responses.get(key, 0) + 1
@@ -484,6 +487,7 @@ class NullRecorder(AssociationRecorder):
         self.bytes_to_client = 0
         self._tracker = None
         self._streams = [None, None]
+        self.dimse_counts = {}  # shared by every association without metrics: never written to
 
     def received(self, side: Side, nbytes: int, frames: Sequence[Frame]) -> None:
         pass

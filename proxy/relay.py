@@ -245,6 +245,9 @@ class Association:
         self.called_ae = ""
         self.upstream_name: str | None = None
         self.last_activity = self.loop.time()
+        self.started = self.last_activity
+        self.bytes_to_upstream = 0  # DICOM bytes received from the modality (and relayed)
+        self.bytes_to_client = 0
         self._timer: asyncio.TimerHandle | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._done = False
@@ -329,6 +332,10 @@ class Association:
 
     def _data_received(self, side: Side, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        if side is Side.REQUESTOR:
+            self.bytes_to_upstream += len(data)
+        else:
+            self.bytes_to_client += len(data)
         framer = self.framers[side]
         try:
             frames = framer.feed(data)
@@ -875,6 +882,24 @@ class Association:
     @property
     def established(self) -> bool:
         return self.state not in (State.STA2_AWAITING_RQ, State.STA5_AWAITING_AC, State.STA13_CLOSING)
+
+    def summary(self) -> dict[str, Any]:
+        """The end-of-association record: one log line per association (ids, names and counts
+        only; AE titles as the modality sent them, never a secret)."""
+        return {
+            "id": self.id,
+            "listener": self.listener_name,
+            "peer": self.peer,
+            "upstream": self.upstream_name,
+            "calling_ae": self.calling_ae,
+            "called_ae": self.called_ae,
+            "rule": self.decision.rule if self.decision else None,
+            "outcome": self.outcome,
+            "bytes_to_upstream": self.bytes_to_upstream,
+            "bytes_to_client": self.bytes_to_client,
+            "dimse": dict(self.recorder.dimse_counts),
+            "duration_s": round(self.loop.time() - self.started, 3),
+        }
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "peer": self.peer, "calling_ae": self.calling_ae, "called_ae": self.called_ae,

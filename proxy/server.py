@@ -24,6 +24,7 @@ from proxy.relay import Association, Leg, UpstreamRoute
 from proxy.upstream import UpstreamHealth
 
 log = logging.getLogger("proxy.server")
+summary_log = logging.getLogger("proxy.association")
 
 
 def build_routes(config: ProxyConfig) -> dict[str, UpstreamRoute]:
@@ -99,6 +100,11 @@ class RelayServer:
 
     def _association_done(self, assoc: Association) -> None:
         assoc.recorder.finished(assoc.outcome)
+        if assoc.calling_ae or assoc.outcome not in ("closed_before_rq",):
+            record = assoc.summary()
+            text = " ".join(f"{k}={v}" for k, v in record.items() if k != "dimse")
+            dimse = ",".join(f"{k}:{v}" for k, v in sorted(record["dimse"].items()))
+            summary_log.info("association end: %s dimse=%s", text, dimse or "-", extra={"association": record})
         self.live.discard(assoc)
         if not self.live:
             self._idle.set()
