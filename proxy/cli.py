@@ -7,9 +7,13 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy import __version__
 from proxy.errors import ConfigError, ConfigErrors, ProxyError
+
+if TYPE_CHECKING:
+    from proxy.config import ProxyConfig
 
 log = logging.getLogger("proxy")
 
@@ -18,6 +22,19 @@ def _print_config_errors(exc: ConfigErrors | ConfigError) -> None:
     errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
     for err in errors:
         print(err.render(with_caret=True), file=sys.stderr)
+
+
+def _load_config(path: str) -> ProxyConfig | None:
+    """The configuration, or None after printing every error as path:line:col: error: ..."""
+    from proxy import config
+
+    try:
+        return config.load(Path(path))
+    except (ConfigErrors, ConfigError) as exc:
+        _print_config_errors(exc)
+    except OSError as exc:
+        print(f"{path}: error: {exc.strerror or exc}", file=sys.stderr)
+    return None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -46,15 +63,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from proxy import config
 
-    try:
-        cfg = config.load(Path(args.config))
-    except (ConfigErrors, ConfigError) as exc:
-        _print_config_errors(exc)
-        return 1
-    except OSError as exc:
-        print(f"{args.config}: error: {exc.strerror or exc}", file=sys.stderr)
+    cfg = _load_config(args.config)
+    if cfg is None:
         return 1
     for warning in cfg.warnings:
         print(warning, file=sys.stderr)
@@ -71,14 +82,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import ipaddress
     from datetime import datetime
 
-    from proxy import config
     from proxy.policy.engine import explain, format_explanation
     from proxy.policy.model import AssociationFacts, DimseFacts, IdentityFacts
 
-    try:
-        cfg = config.load(Path(args.config))
-    except (ConfigErrors, ConfigError) as exc:
-        _print_config_errors(exc)
+    cfg = _load_config(args.config)
+    if cfg is None:
         return 1
     if cfg.rules is None:
         print(f"{args.config}: no rules: every association is accepted and routed by called AE title")
@@ -169,15 +177,10 @@ def cmd_certs_issue(args: argparse.Namespace) -> int:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     """One C-ECHO association to an upstream, as the health probes make it, each step timed."""
-    from proxy import config, upstream
+    from proxy import upstream
 
-    try:
-        cfg = config.load(Path(args.config))
-    except (ConfigErrors, ConfigError) as exc:
-        _print_config_errors(exc)
-        return 1
-    except OSError as exc:
-        print(f"{args.config}: error: {exc.strerror or exc}", file=sys.stderr)
+    cfg = _load_config(args.config)
+    if cfg is None:
         return 1
     return upstream.run_echo(cfg, args.upstream, called_ae=args.called_ae, calling_ae=args.calling_ae,
                              timeout=args.timeout)
