@@ -64,6 +64,7 @@ from proxy.dul.dimse import CommandField, CommandSet, MessageStream, command_nam
 from proxy.dul.framer import ForeignProtocolError
 from proxy.dul.machine import Side
 from proxy.errors import ProxyError, RemotePDUError
+from proxy.limits import LIMIT_REASONS
 
 if TYPE_CHECKING:
     from proxy.dul.framer import Frame
@@ -608,6 +609,9 @@ class ProxyMetrics:
                                     ["side", "reason"], registry=r)
         self.protocol_errors = Counter("dicomproxy_protocol_errors", "PS3.8 violations the proxy aborted.",
                                        ["side", "reason"], registry=r)
+        self.limit_rejections = Counter("dicomproxy_limit_rejections",
+                                        "Associations refused with RJ 2/3/2 because a limit bit.",
+                                        ["listener", "reason"], registry=r)
         self.cert_expiry = Gauge("dicomproxy_tls_certificate_expiry_timestamp_seconds",
                                  "notAfter (Unix time) of each configured certificate file (earliest in it).",
                                  ["role", "name"], registry=r)
@@ -676,6 +680,9 @@ class ProxyMetrics:
             for rule in rules.rules:
                 self.rule_matches.labels(rule.name, rule.action, rule.mode)
             self.rule_matches.labels("default", rules.default.action, "enforce")
+        for listener in config.listeners:
+            for reason in LIMIT_REASONS:
+                self.limit_rejections.labels(listener.name, reason)
         for side in SIDES:
             for reason in tls_mod.TLS_ERROR_LABELS:
                 self.tls_failures.labels(side, reason)
@@ -788,6 +795,11 @@ class ProxyMetrics:
         side_label = side if side in SIDES else OTHER
         reason_label = reason if reason in tls_mod.TLS_ERROR_LABELS else OTHER
         self.safe(self.tls_failures.labels(side_label, reason_label).inc)
+
+    def limit_rejection(self, listener: str, reason: str) -> None:
+        """A limit of proxy.limits refused an association (`reason` one of LIMIT_REASONS)."""
+        reason_label = reason if reason in LIMIT_REASONS else OTHER
+        self.safe(self.limit_rejections.labels(listener, reason_label).inc)
 
     def protocol_error(self, side: Side | str, exc: RemotePDUError) -> None:
         """A peer broke PS3.8 (the relay's _protocol_error, or a foreign protocol on a port)."""

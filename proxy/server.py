@@ -100,6 +100,8 @@ class RelayServer:
 
     def _association_done(self, assoc: Association) -> None:
         assoc.recorder.finished(assoc.outcome)
+        if self.metrics is not None and assoc.outcome == "rejected_by_limit":
+            self.metrics.limit_rejection(assoc.listener_name, assoc.failure_reason.removeprefix("limit_"))
         if assoc.calling_ae or assoc.outcome not in ("closed_before_rq",):
             record = assoc.summary()
             text = " ".join(f"{k}={v}" for k, v in record.items() if k != "dimse")

@@ -529,7 +529,7 @@ def test_the_next_association_over_a_count_limit_gets_2_3_2(
     """The first N associations are held open and work; the N+1th is refused 2/3/2 with the reason."""
     from pynetdicom import AE
 
-    from tests.peers import LOOPBACK, Peer, free_port, wait_for_line
+    from tests.peers import LOOPBACK, Peer, free_port, wait_for_line, wait_until
 
     scp = AE(ae_title="PACS")
     scp.require_called_aet = False
@@ -537,11 +537,13 @@ def test_the_next_association_over_a_count_limit_gets_2_3_2(
     upstream = free_port()
     server = scp.start_server((LOOPBACK, upstream), block=False)
     port = free_port()
+    metrics_port = free_port()
     config = tmp_path / "proxy.yaml"
     config.write_text(
         f"listeners: [{{name: modalities, address: '{LOOPBACK}:{port}'}}]\n"
         f"upstreams: {{pacs: {{address: '{LOOPBACK}:{upstream}'}}}}\ndefault_upstream: pacs\n"
         f"limits: {{{limits}}}\n"
+        f"metrics: {{address: '{LOOPBACK}:{metrics_port}'}}\n"
     )
     proxy = Peer("proxy", [sys.executable, "-m", "proxy", "run", "-c", str(config)], tmp_path / "proxy.log",
                  cwd=REPO_ROOT).start()
@@ -558,6 +560,11 @@ def test_the_next_association_over_a_count_limit_gets_2_3_2(
         wait_for_line(proxy, rf"2/3/2.*limit '{reason}'", 10)
         for sock in held:  # the first N complete normally
             _release(sock)
+        import urllib.request
+
+        series = f'dicomproxy_limit_rejections_total{{listener="modalities",reason="{reason}"}} 1.0'
+        wait_until(lambda: series in urllib.request.urlopen(
+            f"http://{LOOPBACK}:{metrics_port}/metrics", timeout=5).read().decode(), 10, series)
     finally:
         assert proxy.stop(15) == 0, proxy.log_text()
         server.shutdown()
