@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import serialization
 
 from proxy.dul.constants import AE_TITLE_LENGTH, DEFAULT_MAX_ASSOCIATE_LENGTH, DEFAULT_MAX_PDU_LENGTH
 from proxy.errors import ConfigError, ConfigErrors, Location
+from proxy.identity import ClientIdentityPolicy, IdentityProfile
+from proxy.identity_config import identity_names, read_client_identity, read_identities
 from proxy.limits import DEFAULT_MAX_TRACKED_SOURCES, Limits
 from proxy.policy.loader import check_references, expand_rule_path, load_rules
 from proxy.policy.model import RuleSet
@@ -124,6 +126,8 @@ class Listener:
     # send-proxy-v2 writes it; only from these networks (required, non-empty, when True)
     proxy_protocol: bool = False
     trusted_proxies: tuple[TrustedNetwork, ...] = ()
+    # `client_identity:` what happens to the User Identity (0x58) a modality sends (proxy.identity.screen)
+    client_identity: ClientIdentityPolicy = field(default_factory=ClientIdentityPolicy)
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,10 @@ def _no_devices() -> Mapping[str, tuple[str, ...]]:
     return MappingProxyType({})
 
 
+def _no_identities() -> Mapping[str, IdentityProfile]:
+    return MappingProxyType({})
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     path: Path
@@ -187,6 +195,8 @@ class ProxyConfig:
     # `log_format` (text or json lines) and `log_level`; the command line flags win when given
     log_format: str = "text"
     log_level: str = "info"
+    # `identities:` profile name -> what a rule's `identity: NAME` injects upstream (proxy.identity.build)
+    identities: Mapping[str, IdentityProfile] = field(default_factory=_no_identities)
 
     def upstream_names_for(self, called_ae: str) -> tuple[str, ...]:
         """The upstreams for a called AE title in priority order (its route, else the default);
@@ -209,10 +219,11 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 """A week: longer is a typo, and asyncio timers far in the future gain nothing."""
 
 TOP_KEYS = ("listeners", "upstreams", "routes", "default_upstream", "timeouts", "max_pdu_length",
-            "max_associate_length", "rules", "metrics", "devices", "limits", "log_format", "log_level")
+            "max_associate_length", "rules", "metrics", "devices", "limits", "log_format", "log_level",
+            "identities")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LISTENER_KEYS = ("name", "address", "tls", "proxy_protocol", "trusted_proxies")
+LISTENER_KEYS = ("name", "address", "tls", "proxy_protocol", "trusted_proxies", "client_identity")
 LIMIT_KEYS = ("max_associations", "per_listener", "per_source", "per_calling_ae", "rate", "burst",
               "max_associate_rq_size", "ipv6_prefix", "max_tracked_sources")
 MAX_LIMIT_COUNT = 1_000_000
@@ -359,6 +370,7 @@ class _Reader:
         self.path = path
         self.base = base
         self.tls_warnings: list[str] = []  # `path:line:col: warning: ...`, for ProxyConfig.warnings
+        self.identity_names: set[str] = set()  # profile names under `identities:` (set by top())
 
     def warn(self, node: Node, message: str) -> None:
         self.tls_warnings.append(f"{node.loc}: warning: {message}")
@@ -372,6 +384,13 @@ class _Reader:
         if "routes" not in top and "default_upstream" not in top:
             c.add(top, "the top level needs 'routes' or 'default_upstream' (or both), "
                        "so that every association has an upstream")
+
+        # Profile names first: listeners (client_identity: replace) and rules refer to them.
+        identities_node = top.get("identities")
+        self.identity_names = identity_names(identities_node)
+        identities: dict[str, IdentityProfile] = {}
+        if identities_node is not None:
+            identities = read_identities(self, identities_node) or {}
 
         node = top.get("listeners")
         listeners = self.listeners(node) if node is not None else None
@@ -449,6 +468,7 @@ class _Reader:
             limits=limits,
             log_format=log_format,
             log_level=log_level,
+            identities=MappingProxyType(identities),
         )
 
     def choice(self, node: Node | None, what: str, allowed: tuple[str, ...], default: str) -> str:
@@ -502,7 +522,8 @@ class _Reader:
         except ConfigErrors as exc:
             c.errors.extend(exc.errors)
             return None, ()
-        errors = check_references(ruleset, upstreams=upstreams, listeners=listeners)
+        errors = check_references(ruleset, upstreams=upstreams, listeners=listeners,
+                                  identities=self.identity_names)
         if errors:
             c.errors.extend(errors)
             return None, ()
@@ -559,9 +580,15 @@ class _Reader:
             tls = self.listener_tls(tls_node, f"listener {name!r}" if name else "the listener")
         owner = f"listener {name!r}" if name else "the listener"
         proxied = self.proxy_protocol(m, owner)
-        if name is None or address is None or (tls_node is not None and tls is None) or proxied is None:
+        client_identity: ClientIdentityPolicy | None = ClientIdentityPolicy()
+        client_identity_node = m.get("client_identity")
+        if client_identity_node is not None:
+            client_identity = read_client_identity(self, client_identity_node, owner, self.identity_names)
+        if (name is None or address is None or (tls_node is not None and tls is None) or proxied is None
+                or client_identity is None):
             return None
-        return Listener(name, address, tls, proxy_protocol=proxied[0], trusted_proxies=proxied[1])
+        return Listener(name, address, tls, proxy_protocol=proxied[0], trusted_proxies=proxied[1],
+                        client_identity=client_identity)
 
     def proxy_protocol(self, m: MapNode, owner: str) -> tuple[bool, tuple[TrustedNetwork, ...]] | None:
         """`proxy_protocol` and `trusted_proxies` of a listener: (False, ()) when absent."""

@@ -15,14 +15,15 @@ import dataclasses
 import ipaddress
 import itertools
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from proxy import tls
+from proxy import identity, tls
 from proxy.config import Listener, ProxyConfig, Upstream
 from proxy.dul.constants import (
     APPLICATION_CONTEXT_NAME,
@@ -37,13 +38,13 @@ from proxy.dul.constants import (
 )
 from proxy.dul.dimse import CommandSet, RequestGate, command_name
 from proxy.dul.framer import ForeignProtocolError, Frame, PDUFramer
-from proxy.dul.items import PresentationContextACItem, UserIdentityRQSubItem
+from proxy.dul.items import PresentationContextACItem
 from proxy.dul.machine import Action, Side, State, advance
 from proxy.dul.pdus import AAbort, AAssociateAC, AAssociateRJ, AAssociateRQ, check_pdvs, iter_pdvs, parse_pdu
 from proxy.errors import RemotePDUError
 from proxy.limits import LimitReason, LimitTracker
 from proxy.metrics import NULL_RECORDER, AssociationRecorder
-from proxy.policy.model import AssociationFacts, CertFacts, Decision, DimseFacts, IdentityFacts
+from proxy.policy.model import AssociationFacts, CertFacts, Decision, DimseFacts
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -215,6 +216,7 @@ class Association:
         limited: LimitReason | None = None,
         recorder: AssociationRecorder = NULL_RECORDER,
         health: UpstreamHealth | None = None,
+        identity_sources: identity.Sources | None = None,
     ) -> None:
         self.limits = limits
         self.client_address = client_address  # from a PROXY header: the real client
@@ -257,9 +259,12 @@ class Association:
         self.facts: AssociationFacts | None = None
         self.decision: Decision | None = None
         self.gate: RequestGate | None = None  # DIMSE rules: holds request commands until decided
+        self.screened: identity.Screened | None = None  # the client_identity policy's verdict
+        self.response_plan: identity.ResponsePlan | None = None  # what the AC's 0x59 must become
         self.accepted_contexts: frozenset[int] | None = None  # set when context filtering applies
         self.failure_reason = ""  # a bounded label (tls, timeout, unreachable, ...) when setup failed
         self.recorder = recorder  # metrics (proxy.metrics); NULL_RECORDER when they are off
+        self.identity_sources = identity_sources or identity.Sources()
         self.health = health  # upstream health (proxy.upstream); None = every upstream counts as up
 
     # ---- naming for logs -------------------------------------------------------------------
@@ -547,7 +552,16 @@ class Association:
                              f"calling AE title {self.calling_ae!r} is not bound to {who} "
                              f"(bind_ae allows {sorted(allowed) or 'none'})")
                 return
+        screened = identity.screen(
+            self.listener.client_identity, rq, identity.VerifyContext(datetime.now(UTC), self.identity_sources)
+        )
+        if screened.failure is not None:
+            self._reject(*screened.reject, f"user identity: {screened.failure}", outcome="rejected_by_identity")
+            return
+        rq = screened.rq
+        self.screened = screened
         upstream_names: tuple[str, ...] = ()
+        identity_name: str | None = None
         rules = self.config.rules
         if rules is not None:
             self.facts = self._facts(rq)
@@ -569,6 +583,7 @@ class Association:
             log.info("%s: accepted by rule %s%s", self._who(), decision.rule,
                      f" ({decision.location})" if decision.location else "")
             upstream_names = decision.upstreams
+            identity_name = decision.identity
             if rules.has_dimse_rules:
                 self.gate = RequestGate(self._decide_dimse)
             if decision.rewrite_called_ae or decision.rewrite_calling_ae:
@@ -577,6 +592,21 @@ class Association:
                     called_ae=decision.rewrite_called_ae or rq.called_ae,
                     calling_ae=decision.rewrite_calling_ae or rq.calling_ae,
                 )
+        name_to_inject = identity_name or screened.profile
+        profile = self.config.identities.get(name_to_inject) if name_to_inject else None
+        if profile is not None:
+            try:
+                item = identity.build(profile, identity.BuildContext(
+                    self.calling_ae, self.called_ae, datetime.now(UTC), os.urandom, self.identity_sources))
+                rq = identity.inject(rq, item)
+            except identity.IdentityError as exc:
+                self.recorder.identity_injection(name_to_inject or "", int(profile.identity_type), "failed")
+                self._reject(*exc.reject, f"identity profile {name_to_inject}: {exc}", outcome="rejected_by_identity")
+                return
+            self.recorder.identity_injection(name_to_inject or "", int(profile.identity_type), "injected")
+            log.info("%s: user identity %s (type %d, %d bytes) injected", self._who(), name_to_inject,
+                     item.identity_type, len(item.primary) + len(item.secondary))
+        self.response_plan = identity.plan(screened, profile)
         if self.limits is not None:
             source_ip = self._source_ip()
             refused = self.limits.try_acquire(self.listener_name, source_ip, self.calling_ae)
@@ -621,12 +651,6 @@ class Association:
         leg = self.legs.get(Side.REQUESTOR)
         peer = self.client_address or (leg.transport.get_extra_info("peername") if leg and leg.transport else None)
         source = ipaddress.ip_address(peer[0]) if isinstance(peer, tuple) else ipaddress.ip_address("0.0.0.0")
-        identity = None
-        info = rq.user_information
-        item = info.find(UserIdentityRQSubItem) if info else None
-        if item is not None:
-            username = item.primary.decode("utf-8", "replace") if item.identity_type in (1, 2) else None
-            identity = IdentityFacts(item.identity_type, username)
         contexts = rq.presentation_contexts
         return AssociationFacts(
             source=source,
@@ -636,7 +660,7 @@ class Association:
             called_ae=self.called_ae,
             abstract_syntaxes=tuple(pc.abstract_syntax for pc in contexts if pc.abstract_syntax),
             transfer_syntaxes=tuple(dict.fromkeys(ts for pc in contexts for ts in pc.transfer_syntaxes)),
-            user_identity=identity,
+            user_identity=self.screened.facts if self.screened is not None else None,
             now=datetime.now(),
         )
 
@@ -709,8 +733,14 @@ class Association:
         client = self.legs.get(Side.REQUESTOR)
         if client is None:
             return
-        self.state = State.STA6_ESTABLISHED
         ac = self._filter_contexts(ac)
+        if self.response_plan is not None:
+            try:
+                ac = identity.finish_ac(ac, self.response_plan)
+            except identity.IdentityError as exc:
+                self._reject_identity_response(exc)
+                return
+        self.state = State.STA6_ESTABLISHED
         if self.rq is not None:
             # PS3.8 9.3.3: the AC echoes the RQ's AE fields; restore the modality's own after a rewrite
             ac = dataclasses.replace(ac, called_ae=self.rq.called_ae, calling_ae=self.rq.calling_ae)
@@ -728,6 +758,15 @@ class Association:
         )
         self.outcome = "accepted"
         self._arm(self.config.timeouts.idle, self._idle_check)
+
+    def _reject_identity_response(self, exc: Exception) -> None:
+        """require_response and no 0x59 came back: A-ABORT to the archive, RJ 1/2/1 to the modality."""
+        upstream = self.legs.get(Side.ACCEPTOR)
+        if upstream is not None:
+            upstream.write(AAbort(AbortSource.SERVICE_USER, 0).encode())
+        self.state = State.STA5_AWAITING_AC
+        self._reject(RejectResult.PERMANENT, RejectSource.SERVICE_PROVIDER_ACSE, RejectReasonACSE.NO_REASON,
+                     f"user identity: {exc}", outcome="rejected_by_identity")
 
     def _filter_contexts(self, ac: AAssociateAC) -> AAssociateAC:
         """Contexts a rule does not allow are rejected in the AC the modality sees (result 1 or 3);

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy import config as config_mod
-from proxy import proxyproto, sdnotify, tls
+from proxy import identity, identity_kerberos, proxyproto, sdnotify, tls
 from proxy.config import Listener, ProxyConfig
 from proxy.dul.machine import Side
 from proxy.errors import ConfigErrors, ProxyError
@@ -45,6 +46,12 @@ def _contexts(routes: dict[str, UpstreamRoute]) -> dict[str, ssl.SSLContext | No
     return {name: route.ssl_context for name, route in routes.items()}
 
 
+def identity_sources() -> identity.Sources:
+    """One per server: the secret-file cache and, when gssapi is installed, the Kerberos backend."""
+    kerberos = identity_kerberos.GssapiBackend() if identity_kerberos.available() else None
+    return identity.Sources(env=os.environ, kerberos=kerberos)
+
+
 def build_listener_contexts(config: ProxyConfig) -> dict[str, ssl.SSLContext]:
     return {lst.name: tls.listener_context(lst.tls) for lst in config.listeners if lst.tls is not None}
 
@@ -62,6 +69,7 @@ class RelayServer:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.routes = build_routes(config)
+        self.identity_sources = identity_sources()
         self.listener_contexts = build_listener_contexts(config)
         self.live: set[Association] = set()
         self._servers: list[asyncio.Server] = []
@@ -88,6 +96,7 @@ class RelayServer:
             limits=self.limits, client_address=client, limited=limited,
             recorder=self.metrics.association(listener.name) if self.metrics else NULL_RECORDER,
             health=self.health,
+            identity_sources=self.identity_sources,
         )
         self.live.add(assoc)
         self._idle.clear()
