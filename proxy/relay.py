@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from proxy import identity, tls
 from proxy.config import Listener, ProxyConfig, Upstream
@@ -38,7 +38,7 @@ from proxy.dul.constants import (
 )
 from proxy.dul.dimse import CommandSet, RequestGate, command_name
 from proxy.dul.framer import ForeignProtocolError, Frame, PDUFramer
-from proxy.dul.items import PresentationContextACItem
+from proxy.dul.items import PresentationContextACItem, UserIdentityRQSubItem
 from proxy.dul.machine import Action, Side, State, advance
 from proxy.dul.pdus import AAbort, AAssociateAC, AAssociateRJ, AAssociateRQ, check_pdvs, iter_pdvs, parse_pdu
 from proxy.errors import RemotePDUError
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from proxy.upstream import UpstreamHealth
 
 log = logging.getLogger("proxy.relay")
+_T = TypeVar("_T")
 
 WRITE_HIGH_WATER = 1024 * 1024
 """A leg's write buffer above this pauses reading on the other leg (a few max-size PDUs)."""
@@ -552,9 +553,16 @@ class Association:
                              f"calling AE title {self.calling_ae!r} is not bound to {who} "
                              f"(bind_ae allows {sorted(allowed) or 'none'})")
                 return
-        screened = identity.screen(
-            self.listener.client_identity, rq, identity.VerifyContext(datetime.now(UTC), self.identity_sources)
-        )
+        policy = self.listener.client_identity
+        verify_context = identity.VerifyContext(datetime.now(UTC), self.identity_sources)
+        if policy.blocking:  # scrypt or Kerberos: off the event loop, so other associations go on
+            self._off_loop("checking the modality's user identity",
+                           lambda: identity.screen(policy, rq, verify_context), self._screened)
+        else:
+            self._screened(identity.screen(policy, rq, verify_context))
+
+    def _screened(self, screened: identity.Screened) -> None:
+        """The client_identity policy has spoken: apply the rules, then build the identity to inject."""
         if screened.failure is not None:
             self._reject(*screened.reject, f"user identity: {screened.failure}", outcome="rejected_by_identity")
             return
@@ -592,20 +600,71 @@ class Association:
                     called_ae=decision.rewrite_called_ae or rq.called_ae,
                     calling_ae=decision.rewrite_calling_ae or rq.calling_ae,
                 )
-        name_to_inject = identity_name or screened.profile
-        profile = self.config.identities.get(name_to_inject) if name_to_inject else None
-        if profile is not None:
+        name = identity_name or screened.profile
+        profile = self.config.identities.get(name) if name else None
+        if profile is None:
+            self._route(rq, upstream_names, screened, None)
+            return
+        context = identity.BuildContext(self.calling_ae, self.called_ae, datetime.now(UTC), os.urandom,
+                                        self.identity_sources)
+
+        def injected(item: UserIdentityRQSubItem) -> None:
             try:
-                item = identity.build(profile, identity.BuildContext(
-                    self.calling_ae, self.called_ae, datetime.now(UTC), os.urandom, self.identity_sources))
-                rq = identity.inject(rq, item)
+                with_identity = identity.inject(rq, item)
             except identity.IdentityError as exc:
-                self.recorder.identity_injection(name_to_inject or "", int(profile.identity_type), "failed")
-                self._reject(*exc.reject, f"identity profile {name_to_inject}: {exc}", outcome="rejected_by_identity")
+                failed(exc)
                 return
-            self.recorder.identity_injection(name_to_inject or "", int(profile.identity_type), "injected")
-            log.info("%s: user identity %s (type %d, %d bytes) injected", self._who(), name_to_inject,
+            self.recorder.identity_injection(profile.name, int(profile.identity_type), "injected")
+            log.info("%s: user identity %s (type %d, %d bytes) injected", self._who(), profile.name,
                      item.identity_type, len(item.primary) + len(item.secondary))
+            self._route(with_identity, upstream_names, screened, profile)
+
+        def failed(exc: identity.IdentityError) -> None:
+            self.recorder.identity_injection(profile.name, int(profile.identity_type), "failed")
+            self._reject(*exc.reject, f"identity profile {profile.name}: {exc}", outcome="rejected_by_identity")
+
+        if profile.blocking:  # Kerberos asks the KDC: off the event loop
+            self._off_loop(f"building user identity {profile.name}", lambda: identity.build(profile, context),
+                           injected, failed)
+            return
+        try:
+            item = identity.build(profile, context)
+        except identity.IdentityError as exc:
+            failed(exc)
+            return
+        injected(item)
+
+    def _off_loop(self, what: str, work: Callable[[], _T], then: Callable[[_T], None],
+                  failed: Callable[[identity.IdentityError], None] | None = None) -> None:
+        """Run blocking identity work in a worker thread, bounded by the connect timeout, and go on
+        with `then` on the loop unless the association ended meanwhile (the modality gave up)."""
+
+        async def run() -> None:
+            try:
+                async with asyncio.timeout(self.config.timeouts.connect):
+                    result = await asyncio.to_thread(work)
+            except identity.IdentityError as exc:
+                if not self._done and self.state is State.STA5_AWAITING_AC:
+                    if failed is not None:
+                        failed(exc)
+                    else:
+                        self._reject(*exc.reject, f"{what}: {exc}", outcome="rejected_by_identity")
+                return
+            except TimeoutError:
+                if not self._done and self.state is State.STA5_AWAITING_AC:
+                    self._reject(*identity.REJECT_UNAVAILABLE,
+                                 f"{what} took longer than {self.config.timeouts.connect:.0f} s",
+                                 outcome="rejected_by_identity")
+                return
+            if not self._done and self.state is State.STA5_AWAITING_AC:
+                then(result)
+
+        self._connect_task = self.loop.create_task(run(), name=f"{self.id}-identity")
+        self._connect_task.add_done_callback(lambda _t: self._maybe_done())
+
+    def _route(self, rq: AAssociateRQ, upstream_names: tuple[str, ...], screened: identity.Screened,
+               profile: identity.IdentityProfile | None) -> None:
+        """Pick the upstream (limits, health, failover) and open it."""
         self.response_plan = identity.plan(screened, profile)
         if self.limits is not None:
             source_ip = self._source_ip()
