@@ -186,6 +186,65 @@ def cmd_echo(args: argparse.Namespace) -> int:
                              timeout=args.timeout)
 
 
+def _read_passcode(from_stdin: bool) -> str | None:
+    """The passcode from a terminal prompt (asked twice) or the first line of stdin; never argv,
+    which other users can read in the process list."""
+    import getpass
+
+    if from_stdin or not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        return line[:-1] if line.endswith("\n") else line
+    first = getpass.getpass("passcode: ")
+    if getpass.getpass("again: ") != first:
+        print("error: the two passcodes differ", file=sys.stderr)
+        return None
+    return first
+
+
+def cmd_passcode_hash(args: argparse.Namespace) -> int:
+    """Add or replace one user's line in a `client_identity.passcodes` file (or print it)."""
+    import os
+
+    from proxy import identity
+
+    passcode = _read_passcode(args.stdin)
+    if passcode is None:
+        return 1
+    if not passcode:
+        print("error: empty passcode", file=sys.stderr)
+        return 1
+    try:
+        line = identity.hash_passcode_line(args.user, passcode, os.urandom(identity.SALT_BYTES),
+                                           n=args.n, r=args.r, p=args.p)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.file is None:
+        print(line)
+        return 0
+    path = Path(args.file)
+    try:
+        old = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"{path}: error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return 1
+    kept = [row for row in old if row.strip().startswith("#") or row.rpartition(":")[0].strip() != args.user]
+    replaced = len(kept) != len(old)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write("\n".join([*kept, line]) + "\n")
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except OSError as exc:
+        print(f"{path}: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: user {args.user!r} {'replaced' if replaced else 'added'} (scrypt N={args.n} r={args.r} p={args.p})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy import demo
 
@@ -251,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--calling-ae", help="default: health.calling_ae of the upstream, else DICOMPROXY")
     echo.add_argument("--timeout", type=float, help="seconds for the whole probe (default: health.timeout, else 5)")
     echo.set_defaults(func=cmd_echo)
+
+    ph = sub.add_parser("passcode-hash", help="add a user's salted passcode hash to a client_identity passcodes file")
+    ph.add_argument("--user", required=True, help="the user name a modality sends")
+    ph.add_argument("--file", metavar="PATH", help="passcodes file to update (default: print the line)")
+    ph.add_argument("--stdin", action="store_true", help="read the passcode from stdin even on a terminal")
+    ph.add_argument("-N", dest="n", type=int, default=2**14, help="scrypt N (default 16384)")
+    ph.add_argument("-r", dest="r", type=int, default=8, help="scrypt r (default 8)")
+    ph.add_argument("-p", dest="p", type=int, default=1, help="scrypt p (default 1)")
+    ph.set_defaults(func=cmd_passcode_hash)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo (TLS-only archive, proxy, sample images)")
     demo.add_argument("--workdir", default="demo-run")

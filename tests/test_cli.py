@@ -107,3 +107,54 @@ def test_run_with_invalid_config_exits_1_without_traceback(tmp_path: Path) -> No
     assert out.returncode == 1
     assert ": error: " in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _hash(*args: str, passcode: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "passcode-hash", *args], input=passcode + "\n", capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_passcode_hash_adds_then_replaces_a_user_and_the_proxy_accepts_the_line(tmp_path: Path) -> None:
+    from proxy import identity
+
+    path = tmp_path / "passcodes"
+    path.write_text("# modalities that log in\nmr-tech:scrypt$2$1$1$AAAAAAAAAAA$" + "A" * 43 + "\n")
+    path.chmod(0o640)
+    first = _hash("--user", "ct-tech", "--file", str(path), "-N", "1024", passcode="first secret")
+    assert first.returncode == 0, first.stderr
+    assert "user 'ct-tech' added" in first.stdout
+    second = _hash("--user", "ct-tech", "--file", str(path), "-N", "1024", passcode="second secret")
+    assert second.returncode == 0, second.stderr
+    assert "user 'ct-tech' replaced" in second.stdout
+    for out in (first, second):
+        assert "secret" not in out.stdout + out.stderr
+    table = identity.parse_passcode_file(path.read_bytes())
+    assert sorted(table) == ["ct-tech", "mr-tech"]  # the comment and the other user are kept
+    assert identity.check_passcode(table, "ct-tech", b"second secret")
+    assert not identity.check_passcode(table, "ct-tech", b"first secret")
+    assert path.read_text().startswith("# modalities that log in\n")
+    assert path.stat().st_mode & 0o777 == 0o640  # the admin's mode is kept
+
+
+def test_passcode_hash_new_file_is_private_and_prints_without_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "new-passcodes"
+    out = _hash("--user", "us-01", "--file", str(path), "-N", "1024", passcode="pw")
+    assert out.returncode == 0, out.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    printed = _hash("--user", "us-01", "-N", "1024", passcode="pw")
+    assert printed.returncode == 0
+    assert printed.stdout.startswith("us-01:scrypt$1024$8$1$")
+
+
+@pytest.mark.parametrize(
+    ("args", "passcode", "message"),
+    [
+        (("--user", "a:b"), "pw", "must not be empty, contain ':'"),
+        (("--user", "ct"), "", "empty passcode"),
+        (("--user", "ct", "-N", "1000"), "pw", "scrypt N must be a power of 2"),
+    ],
+)
+def test_passcode_hash_refuses_bad_input(args: tuple[str, ...], passcode: str, message: str) -> None:
+    out = _hash(*args, passcode=passcode)
+    assert out.returncode == 1
+    assert message in out.stderr
