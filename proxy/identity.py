@@ -885,11 +885,11 @@ def _saml_assertion(profile: SamlProfile, context: BuildContext) -> bytes:
     mint = profile.mint
     if mint is None:  # the loader never builds such a profile
         raise IdentityError(f"identity {profile.name!r} has neither assertion_file nor a key to sign with")
-    from proxy.identity_saml import mint_assertion
+    from proxy.identity_saml import load_signing_key, mint_assertion
 
-    key = files.load(mint.key, "SAML signing key", Secret)
+    key = files.load(mint.key, "SAML signing key", load_signing_key)
     cert = files.load(mint.cert, "SAML signing certificate", bytes)
-    return mint_assertion(mint, context, key.reveal(), cert)
+    return mint_assertion(mint, context, key, cert)
 
 
 def assertion_from_file(data: bytes) -> Secret:

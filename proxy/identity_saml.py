@@ -25,10 +25,11 @@ from datetime import UTC, datetime, timedelta
 from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from proxy.identity import REJECT_UNAVAILABLE, IdentityError, SamlMint
+from proxy.identity import REJECT_UNAVAILABLE, IdentityError, SafeValueError, SamlMint
 
 if TYPE_CHECKING:
     from proxy.identity import BuildContext
@@ -85,7 +86,25 @@ def assertion_xml(mint: SamlMint, context: BuildContext, assertion_id: str) -> b
     return xml
 
 
-def mint_assertion(mint: SamlMint, context: BuildContext, key_pem: bytes, cert_pem: bytes) -> bytes:
+SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+def load_signing_key(data: bytes) -> SigningKey:
+    """The PEM signing key, parsed once per file version by the FileCache (parsing an RSA key
+    checks it, which costs tens of milliseconds: too much for every association)."""
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise SafeValueError("the key is encrypted; store it unencrypted and protect it with file "
+                             "permissions") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise SafeValueError("not a PEM private key") from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise SafeValueError("the SAML signing key must be RSA or EC")
+    return key
+
+
+def mint_assertion(mint: SamlMint, context: BuildContext, key: SigningKey, cert_pem: bytes) -> bytes:
     """A signed assertion for one association. IdentityError when signxml is missing or signing fails."""
     try:
         from lxml import etree
@@ -97,16 +116,7 @@ def mint_assertion(mint: SamlMint, context: BuildContext, key_pem: bytes, cert_p
         raise IdentityError("minting SAML assertions needs the optional signxml package "
                             "(pip install 'dicom-tls-proxy[saml]'), or use 'assertion_file'",
                             REJECT_UNAVAILABLE) from None
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (TypeError, ValueError):
-        raise IdentityError("the SAML signing key is not an unencrypted PEM private key") from None
-    if isinstance(key, rsa.RSAPrivateKey):
-        algorithm = SignatureMethod.RSA_SHA256
-    elif isinstance(key, ec.EllipticCurvePrivateKey):
-        algorithm = SignatureMethod.ECDSA_SHA256
-    else:
-        raise IdentityError("the SAML signing key must be RSA or EC")
+    algorithm = SignatureMethod.RSA_SHA256 if isinstance(key, rsa.RSAPrivateKey) else SignatureMethod.ECDSA_SHA256
     assertion_id = "_" + context.random(16).hex()
     unsigned = assertion_xml(mint, context, assertion_id)
     signer = XMLSigner(
