@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from proxy import identity, tls
+from proxy import identity, tls, tlssocket
 from proxy.config import Listener, ProxyConfig, Upstream
 from proxy.dul.constants import (
     APPLICATION_CONTEXT_NAME,
@@ -732,13 +732,15 @@ class Association:
                 sock = await _connect_socket(self.loop, up.address.host, up.address.port)
                 connected = self.loop.time()
                 try:
-                    _transport, leg = await self.loop.create_connection(
-                        lambda: Leg(self, Side.ACCEPTOR),
-                        sock=sock,
-                        ssl=route.ssl_context,
-                        server_hostname=route.server_hostname,
-                        ssl_handshake_timeout=timeout if route.ssl_context else None,
-                    )
+                    if route.ssl_context is None:
+                        _transport, leg = await self.loop.create_connection(
+                            lambda: Leg(self, Side.ACCEPTOR), sock=sock)
+                    else:
+                        ctx = route.ssl_context
+                        session = ctx.session if isinstance(ctx, tls.ResumingClientContext) else None
+                        tls_sock = await tlssocket.open_tls(self.loop, sock, ctx, route.server_hostname, session)
+                        leg = Leg(self, Side.ACCEPTOR)
+                        tlssocket.TLSSocketTransport(self.loop, tls_sock, leg)
                 except BaseException:
                     sock.close()
                     raise
@@ -859,8 +861,8 @@ class Association:
             return
         ctx = route.ssl_context
         sslobj = upstream.transport.get_extra_info("ssl_object")
-        if isinstance(ctx, tls.ResumingClientContext) and isinstance(sslobj, ssl.SSLObject):
-            self.tls_resumed = sslobj.session_reused
+        if isinstance(ctx, tls.ResumingClientContext) and isinstance(sslobj, ssl.SSLObject | ssl.SSLSocket):
+            self.tls_resumed = bool(sslobj.session_reused)
             if self.tls_resumed and ctx.session is not None:
                 return  # the offered session still works; fetching a new one costs ~4% per association
             session = sslobj.session
