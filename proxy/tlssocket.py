@@ -195,9 +195,7 @@ class TLSSocketTransport(asyncio.Transport):
                 return
             self._remove_reader()
             keep_open = self._protocol.eof_received()
-            if self._closing:
-                self._finish(None)
-            elif not keep_open:
+            if not keep_open or self.is_closing():
                 self.close()
                 self._finish(None)
         elif size >= READ_CHUNK and not self._lost and not self._reading_paused:
