@@ -534,6 +534,7 @@ class PynetdicomArchive:
         self.move_destinations: dict[str, tuple[str, int]] = {}
         self.echo_count = 0
         self.associations: list[str] = []  # calling AE title of every accepted association
+        self.aborts = 0  # associations that ended with an A-ABORT (either side)
         self._server: Any = None
 
     @property
@@ -561,6 +562,7 @@ class PynetdicomArchive:
             (evt.EVT_C_GET, self._on_get),
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_ABORTED, self._on_aborted),
         ]
         self._server = ae.start_server(
             (LOOPBACK, self.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
@@ -583,6 +585,9 @@ class PynetdicomArchive:
 
     def _on_accepted(self, event: Any) -> None:
         self.associations.append(event.assoc.requestor.ae_title.strip())
+
+    def _on_aborted(self, event: Any) -> None:
+        self.aborts += 1
 
     def _on_echo(self, event: Any) -> int:
         self.echo_count += 1

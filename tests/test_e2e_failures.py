@@ -23,6 +23,7 @@ from tests.peers import (
     read_until_closed,
     require_module,
     tls_server_context,
+    wait_until,
 )
 
 require_module("pynetdicom")
@@ -161,3 +162,32 @@ def test_tls_client_on_plaintext_listener_is_closed_and_named(
     assert pynetdicom_tls_scp.associations == [], "nothing may reach the archive"
 
     assert _echo(proxy.port) == 0x0000
+
+
+def test_an_idle_association_is_aborted_on_both_sides_and_a_busy_one_is_not(
+    pynetdicom_tls_scp: PynetdicomArchive, proxy_factory: ProxyFactory
+) -> None:
+    """timeouts.idle: no PDU either way for that long -> A-ABORT to the modality and the archive.
+    An association that keeps talking (a C-ECHO every 0.3 s for 2 idle timeouts) stays up."""
+    proxy = proxy_factory(pynetdicom_tls_scp.port, timeouts={"idle": 1})
+    busy, _ = _associate(proxy.port)
+    assert busy.is_established
+    deadline = time.monotonic() + 2.2
+    while time.monotonic() < deadline:
+        assert busy.send_c_echo().Status == 0
+        time.sleep(0.3)  # the traffic pattern under test, not a wait for a condition
+    assert busy.is_established
+    busy.release()
+
+    mark = proxy.log_size()
+    with socket.create_connection((LOOPBACK, proxy.port), timeout=10) as raw:
+        raw.sendall(associate_rq_bytes(called="ARCHIVE", calling=CALLING))
+        assert read_pdu(raw)[0] == 0x02  # A-ASSOCIATE-AC
+        started = time.monotonic()
+        pdu_type, body = read_pdu(raw)  # then silence until the proxy gives up
+        waited = time.monotonic() - started
+    assert pdu_type == 0x07, f"expected A-ABORT, got PDU type 0x{pdu_type:02X}"
+    assert body[2:4] == bytes([2, 0])  # source 2 (service provider), reason 0
+    assert 0.9 <= waited < 3.0, f"aborted after {waited:.2f} s with idle: 1"
+    proxy.wait_for_log(r"idle for \d+ s; aborting both sides", since=mark)
+    wait_until(lambda: pynetdicom_tls_scp.aborts == 1, 10, "the archive to see the A-ABORT")
