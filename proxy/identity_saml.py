@@ -20,6 +20,7 @@ Pure apart from the XML libraries: the time and the ID's randomness come from th
 
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime, timedelta
 from importlib.util import find_spec
@@ -40,6 +41,10 @@ NAMEID_UNSPECIFIED = "urn:oasis:names:tc:SAML:1.1:nameid-format:unspecified"
 BEARER = "urn:oasis:names:tc:SAML:2.0:cm:bearer"
 AUTHN_UNSPECIFIED = "urn:oasis:names:tc:SAML:2.0:ac:classes:unspecified"
 ATTRNAME_BASIC = "urn:oasis:names:tc:SAML:2.0:attrname-format:basic"
+
+# signxml logs every string it canonicalizes at DEBUG: the whole assertion and its SignedInfo, i.e. the
+# bearer credential, in the proxy's log when log_level is debug. Its loggers never go below WARNING.
+logging.getLogger("signxml").setLevel(logging.WARNING)
 
 
 def available() -> bool:

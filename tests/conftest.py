@@ -132,12 +132,14 @@ class ProxyFactory:
         timeouts: Mapping[str, float] | None = None,
         extra: Mapping[str, Any] | None = None,
         listener_tls: Mapping[str, Any] | None = None,
+        listener: Mapping[str, Any] | None = None,
         startup_timeout: float = 15.0,
     ) -> RunningProxy:
         """Write a config and start ``python -m proxy run -c`` on a free listener port.
 
         ``upstream`` is a port (a TLS upstream named ``pacs`` using dev_certs), one spec, or a
-        mapping name -> spec; ``routes`` maps called AE titles to upstream names."""
+        mapping name -> spec; ``routes`` maps called AE titles to upstream names; ``listener`` adds
+        keys to the listener (``client_identity``, ``proxy_protocol`` ...)."""
         if isinstance(upstream, int):
             upstreams: Mapping[str, UpstreamSpec] = {"pacs": UpstreamSpec(upstream, self.default_pki)}
         elif isinstance(upstream, UpstreamSpec):
@@ -150,6 +152,7 @@ class ProxyFactory:
             "listeners": [
                 {"name": "modalities", "address": f"{LOOPBACK}:{port}"}
                 | ({"tls": dict(listener_tls)} if listener_tls is not None else {})
+                | dict(listener or {})
             ],
             "upstreams": {name: _upstream_yaml(spec) for name, spec in upstreams.items()},
             "timeouts": {"artim": 30, "connect": 10, "idle": 300, **(timeouts or {})},
