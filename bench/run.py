@@ -194,6 +194,7 @@ class Bench:
                 f"max_pdu_length: {PROXY_MAX_PDU}\n"
             )
             env = self.env(False)
+            env.update(unit_environment())  # run the proxy as the systemd unit does
             if self.args.proxy_rev:
                 source = proxy_snapshot(self.args.proxy_rev)
                 env["PYTHONPATH"] = str(source)
@@ -419,6 +420,19 @@ class Bench:
             print(f"  py-spy {fmt}: {out}", flush=True)
         print(f"{wl.label} on the proxy path:")
         print(summarise_profile(OUT / f"profile-{name}.txt"))
+
+
+def unit_environment() -> dict[str, str]:
+    """The Environment= settings of systemd/dicom-proxy.service (e.g. the malloc tuning), so the
+    bench measures the proxy as deployed."""
+    unit = BENCH.parent / "systemd" / "dicom-proxy.service"
+    out: dict[str, str] = {}
+    for line in unit.read_text(encoding="utf-8").splitlines():
+        if line.startswith("Environment="):
+            for item in line.removeprefix("Environment=").split():
+                key, _, value = item.strip('"').partition("=")
+                out[key] = value
+    return out
 
 
 def git(*argv: str) -> str:

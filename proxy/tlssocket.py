@@ -82,6 +82,7 @@ class TLSSocketTransport(asyncio.Transport):
         self._fd = tls.fileno()
         self._protocol = protocol
         self._pending = bytearray()  # plaintext SSL_write has not taken yet (an owned copy)
+        self._rview = memoryview(bytearray(READ_CHUNK))  # decrypted records land here, reused
         self._high = 64 * 1024
         self._low = 16 * 1024
         self._writer = False
@@ -161,34 +162,33 @@ class TLSSocketTransport(asyncio.Transport):
             return
         if self._pending:  # a write that waited for the peer (a TLS 1.3 key update) may go now
             self._flush()
-        chunks: list[bytes] = []
+        view = self._rview
         size = 0
         eof = False
         try:
+            # SSL_read decrypts one record (16 KiB at most) per call, straight into our buffer
             while size < READ_CHUNK:
-                data = self._tls.recv(READ_CHUNK)
-                if not data:
+                n = self._tls.recv_into(view[size:])
+                if not n:
                     eof = True
                     break
-                chunks.append(data)
-                size += len(data)
+                size += n
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLWantWriteError:
             self._add_writer()
         except (ssl.SSLError, OSError) as exc:
-            if chunks and not self._closing:
-                self._protocol.data_received(b"".join(chunks))
+            if size and not self._closing:
+                self._protocol.data_received(bytes(view[:size]))
             self._fatal(exc)
             return
         if self._closing and self._shutdown_sent:
             if eof:
                 self._finish(None)  # the peer's close_notify (or FIN) after ours: done
             return  # Sta13: what arrives after our close is drained and dropped
-        if chunks:
-            self._protocol.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        elif size < READ_CHUNK and not eof and self._tls.pending():
-            self._loop.call_soon(self._read_ready)
+        if size:
+            # an owned copy: the relay may keep views of what it is given (a PDU cut by the read)
+            self._protocol.data_received(bytes(view[:size]))
         if eof and not self._lost:
             if self._closing:  # data_received closed us and the peer is gone too: nothing to wait for
                 self._finish(None)
