@@ -51,7 +51,7 @@ class IdentityFacts:
     """A client-supplied User Identity (0x58); never carries the secret fields."""
 
     type: int  # 1..5
-    username: str | None  # the primary field for types 1 and 2 (UTF-8), else None
+    username: str | None  # the user name (types 1 and 2) or the verified subject (client_identity verify), else None
 
 
 @dataclass(frozen=True)
@@ -567,7 +567,7 @@ def _fields() -> dict[str, FieldSpec]:
                   "the association carries no user identity", _show_identity_type),
         FieldSpec("user_identity.username", "association", False,
                   lambda a, _d: None if a.user_identity is None else a.user_identity.username,
-                  "no user identity with a username (types 1 and 2)", _quote),
+                  "no user identity with a user name (types 1 and 2, or a verified subject)", _quote),
         FieldSpec("time.days", "association", False, _weekday, "no clock was given", _show_weekday),
         FieldSpec("time.hours", "association", False, _minutes, "no clock was given", _show_minutes),
         FieldSpec("command", "dimse", False, lambda _a, d: None if d is None else d.command, "", _quote),
