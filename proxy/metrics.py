@@ -368,7 +368,7 @@ class AssociationRecorder:
             offset = 8
         pdus = self._pdus
         for pdu_type, _data in frames:
-            pdus[pdu_type + offset] += 1
+            pdus[(pdu_type & 7) + offset] += 1  # cut-through: a P_DATA_HEAD counts as P-DATA, a P_DATA_REST not
 
     # ---- milestones ----------------------------------------------------------------------------
     def requested(self, calling_ae: str) -> None:
@@ -405,6 +405,12 @@ class AssociationRecorder:
             return
         if completed:
             self.commands(side, completed)
+
+    def data_fragment(self, side: Side, last: bool) -> None:
+        """A P-DATA-TF PDU that is one data-set fragment, passed on before all of it arrived."""
+        stream = self._streams[0 if side is _REQUESTOR else 1]
+        if stream is not None and last:
+            stream.in_data_set = False
 
     def commands(self, side: Side, completed: Sequence[tuple[int, CommandSet]]) -> None:
         """Command sets completed in one direction (if the relay reassembles them itself)."""
@@ -506,6 +512,9 @@ class NullRecorder(AssociationRecorder):
         pass
 
     def pdata(self, side: Side, pdu: memoryview) -> None:
+        pass
+
+    def data_fragment(self, side: Side, last: bool) -> None:
         pass
 
     def commands(self, side: Side, completed: Sequence[tuple[int, CommandSet]]) -> None:

@@ -37,7 +37,7 @@ from proxy.dul.constants import (
     RejectSource,
 )
 from proxy.dul.dimse import CommandSet, RequestGate, command_name
-from proxy.dul.framer import ForeignProtocolError, Frame, PDUFramer
+from proxy.dul.framer import P_DATA_HEAD, P_DATA_REST, ForeignProtocolError, Frame, PDUFramer
 from proxy.dul.items import PresentationContextACItem, UserIdentityRQSubItem
 from proxy.dul.machine import Action, Side, State, advance
 from proxy.dul.pdus import AAbort, AAssociateAC, AAssociateRJ, AAssociateRQ, check_pdvs, iter_pdvs, parse_pdu
@@ -377,20 +377,25 @@ class Association:
             batch: list[memoryview] = []
             dimse = self.recorder.dimse_enabled
             for i, frame in enumerate(frames):
-                if frame.pdu_type != P_DATA:
+                pdu_type = frame.pdu_type
+                if pdu_type == P_DATA:
+                    try:
+                        check_pdvs(frame.data[6:])
+                    except RemotePDUError as exc:
+                        if batch:
+                            other.writelines(batch)
+                        self._protocol_error(side, exc)
+                        return
+                    if dimse:
+                        self.recorder.pdata(side, frame.data)
+                elif pdu_type == P_DATA_HEAD:  # cut-through: the framer checked its one PDV header
+                    if dimse:
+                        self.recorder.data_fragment(side, bool(frame.data[11] & 0x02))
+                elif pdu_type != P_DATA_REST:
                     if batch:
                         other.writelines(batch)
                     self._handle_frames(side, frames[i:])
                     return
-                try:
-                    check_pdvs(frame.data[6:])
-                except RemotePDUError as exc:
-                    if batch:
-                        other.writelines(batch)
-                    self._protocol_error(side, exc)
-                    return
-                if dimse:
-                    self.recorder.pdata(side, frame.data)
                 batch.append(frame.data)
             if len(batch) == 1:
                 other.write(batch[0])
@@ -408,8 +413,18 @@ class Association:
         for frame in frames:
             if self._done:
                 return
+            if frame.pdu_type == P_DATA_REST:  # the rest of a cut-through PDU that was forwarded
+                other = self.legs.get(_other(side))
+                if other is not None and self.state is not State.STA13_CLOSING:
+                    other.write(frame.data)
+                continue
             try:
-                action, next_state = advance(self.state, side, frame.pdu_type)
+                action, next_state = advance(self.state, side, frame.pdu_type & 7)
+                if frame.pdu_type == P_DATA_HEAD:
+                    if action is Action.FORWARD and self.recorder.dimse_enabled:
+                        self.recorder.data_fragment(side, bool(frame.data[11] & 0x02))
+                    self._act(side, action, next_state, frame)
+                    continue
                 if frame.pdu_type == P_DATA:
                     if self._inspecting and action is Action.FORWARD:
                         self._forward_inspected(side, next_state, frame)
@@ -810,6 +825,9 @@ class Association:
                 self._reject_identity_response(exc)
                 return
         self.state = State.STA6_ESTABLISHED
+        if not self._inspecting:  # nothing inside P-DATA needs a look: pass bulk PDUs on as they arrive
+            for framer in self.framers.values():
+                framer.cut_through = True
         if self.rq is not None:
             # PS3.8 9.3.3: the AC echoes the RQ's AE fields; restore the modality's own after a rewrite
             ac = dataclasses.replace(ac, called_ae=self.rq.called_ae, calling_ae=self.rq.calling_ae)
@@ -912,20 +930,28 @@ class Association:
             exc.source,
             exc.reason,
         )
-        offender = self.legs.get(side)
-        if offender is not None:
-            offender.write(AAbort(exc.source, exc.reason).encode())
-        other = self.legs.get(_other(side))
-        if other is not None:
-            other.write(AAbort(AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED).encode())
+        self._write_abort(side, AAbort(exc.source, exc.reason).encode())
+        self._write_abort(_other(side), AAbort(AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED).encode())
         self.state = State.STA13_CLOSING
         self.outcome = "protocol_error"
         self._close_all()
 
+    def _write_abort(self, side: Side, pdu: bytes) -> None:
+        """An A-ABORT of our own to one side, unless a cut-through PDU is half-way to it: its
+        bytes would be read as P-DATA, so closing the connection is then the only clean signal."""
+        leg = self.legs.get(side)
+        if leg is None:
+            return
+        if self.framers[_other(side)].mid_pdu:
+            log.info("%s: a P-DATA-TF PDU is half-way to the %s; closing without an A-ABORT", self._who(),
+                     side.value)
+            return
+        leg.write(pdu)
+
     def _abort_both(self, source: int, reason: int, outcome: str) -> None:
         abort = AAbort(source, reason).encode()
-        for leg in self.legs.values():
-            leg.write(abort)
+        for side in tuple(self.legs):
+            self._write_abort(side, abort)
         self.state = State.STA13_CLOSING
         self.outcome = outcome
         self._close_all()
@@ -956,9 +982,7 @@ class Association:
         detail = f" ({exc})" if exc else ""
         log.warning("%s: the %s closed the connection without a PDU%s; A-ABORT to the other side",
                     self._who(), side.value, detail)
-        other = self.legs.get(_other(side))
-        if other is not None:
-            other.write(AAbort(AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED).encode())
+        self._write_abort(_other(side), AAbort(AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED).encode())
         self.state = State.STA13_CLOSING
         self.outcome = "aborted"
         self._close_all()

@@ -14,7 +14,7 @@ from pynetdicom.sop_class import Verification
 
 from tests import golden
 from tests.conftest import ProxyFactory
-from tests.peers import LOOPBACK, PynetdicomArchive, associate_rq_bytes, read_pdu, read_until_closed
+from tests.peers import LOOPBACK, PynetdicomArchive, associate_rq_bytes, read_pdu, read_until_closed, wait_until
 
 
 def _echo_works(port: int) -> bool:
@@ -69,3 +69,26 @@ def test_malformed_pdata_in_an_association_is_aborted(
     proxy.wait_for_log(r"protocol error from the requestor")
     proxy.wait_for_log(r"aborted|A-ABORT")
     assert _echo_works(proxy.port)
+
+
+def test_a_modality_that_vanishes_inside_a_cut_through_pdu(
+    pynetdicom_tls_scp: PynetdicomArchive, proxy_factory: ProxyFactory
+) -> None:
+    """Bulk P-DATA is passed on as it arrives. When the modality disconnects half-way through such
+    a PDU, the archive has half a PDU: an A-ABORT now would be read as P-DATA bytes, so the proxy
+    closes the archive's connection instead (the archive sees the association end, nothing is
+    stored), says so in the log, and serves the next association."""
+    proxy = proxy_factory(pynetdicom_tls_scp.port)
+    fragment = bytes(15000)
+    pdv = struct.pack(">IBB", 2 + len(fragment), 1, 0x00) + fragment  # one data-set fragment
+    pdu = struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+    with socket.create_connection((LOOPBACK, proxy.port), timeout=10) as sock:
+        sock.sendall(associate_rq_bytes(called="ARCHIVE"))
+        assert read_pdu(sock)[0] == 0x02  # A-ASSOCIATE-AC
+        sock.sendall(pdu[:7000])
+        proxy.wait_for_log(r"association established")
+    proxy.wait_for_log(r"a P-DATA-TF PDU is half-way to the acceptor; closing without an A-ABORT")
+    wait_until(lambda: pynetdicom_tls_scp.aborts == 1, 10, "the archive to see its association end")
+    assert pynetdicom_tls_scp.stored == {}
+    assert _echo_works(proxy.port)
+    assert "Traceback" not in proxy.log_text()

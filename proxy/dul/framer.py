@@ -38,8 +38,17 @@ class ForeignProtocolError(RemotePDUError):
 
 
 class Frame(NamedTuple):
-    pdu_type: int
-    data: memoryview  # the whole PDU, header included
+    pdu_type: int  # a PDU type, or P_DATA_HEAD / P_DATA_REST (cut-through)
+    data: memoryview  # the whole PDU, header included (or the part that arrived, for cut-through)
+
+
+P_DATA_HEAD = 0x80 | PDUType.P_DATA_TF
+"""Cut-through: the start of a P-DATA-TF PDU (header and first PDV header included, already
+checked); the rest follows as P_DATA_REST frames. `& 7` gives the PDU type back."""
+P_DATA_REST = 0
+"""Cut-through: more bytes of the P-DATA-TF PDU begun by the last P_DATA_HEAD, in order."""
+_PDV = struct.Struct(">IBB")
+_CUT_MIN = PDU_HEADER_LENGTH + 6  # PDU header + PDV length, context ID and control header
 
 
 class PDUFramer:
@@ -50,7 +59,9 @@ class PDUFramer:
     own cap always applies.
     """
 
-    __slots__ = ("_buf", "_need", "_started", "error", "max_associate_length", "max_pdata_length")
+    __slots__ = (
+        "_buf", "_need", "_started", "_through", "cut_through", "error", "max_associate_length", "max_pdata_length"
+    )
 
     def __init__(
         self,
@@ -64,9 +75,26 @@ class PDUFramer:
         self._buf = bytearray()
         self._need = 0  # total size of the PDU being completed in _buf, 0 while its header is incomplete
         self._started = not sniff_foreign
+        self._through = 0  # bytes of a cut-through P-DATA-TF PDU still to come
+        self.cut_through = False
+        """When True, a P-DATA-TF PDU cut by a read whose body is one data-set PDV (the bulk of any
+        C-STORE: nothing inside needs a look) is passed on as it arrives (P_DATA_HEAD, then
+        P_DATA_REST frames) instead of being gathered first. The relay turns it on once an
+        association is established and it has no reason to look inside P-DATA."""
         self.error: RemotePDUError | None = None
         """Set when a read held whole PDUs before a bad header: the caller handles those PDUs
         first (an A-ABORT among them must be relayed as sent), then this error."""
+
+    @property
+    def mid_pdu(self) -> bool:
+        """A cut-through PDU has been begun and not finished: the far side is inside a PDU, so no
+        other PDU may be written to it (an A-ABORT would be read as P-DATA bytes)."""
+        return self._through > 0
+
+    def _single_data_pdv(self, head: bytes | bytearray | memoryview, offset: int, length: int) -> bool:
+        """The PDU at `offset` (declared `length`) holds exactly one PDV, a data-set fragment."""
+        pdv_length, _context, control = _PDV.unpack_from(head, offset + PDU_HEADER_LENGTH)
+        return pdv_length + 4 == length and pdv_length >= 2 and not control & 0x01
 
     @property
     def buffered(self) -> int:
@@ -138,6 +166,13 @@ class PDUFramer:
         view = memoryview(data)
         n = len(view)
         off = 0
+        if self._through:
+            take = min(self._through, n)
+            frames.append(Frame(P_DATA_REST, view[:take]))
+            self._through -= take
+            off = take
+            if self._through:
+                return
         buf = self._buf
         if buf or not self._started:
             if not self._started:
@@ -147,9 +182,9 @@ class PDUFramer:
                     return
             # complete a PDU cut by the previous read
             if self._need == 0:
-                take = min(PDU_HEADER_LENGTH - len(buf), n)
-                buf += view[:take]
-                off = take
+                take = min(PDU_HEADER_LENGTH - len(buf), n - off)
+                buf += view[off : off + take]
+                off += take
                 if len(buf) < PDU_HEADER_LENGTH:
                     return
                 pdu_type, _r, length = _HEADER.unpack_from(buf)
@@ -157,6 +192,22 @@ class PDUFramer:
                 self._need = PDU_HEADER_LENGTH + length
             if self._need:
                 take = min(self._need - len(buf), n - off)
+                if (self.cut_through and buf[0] == PDUType.P_DATA_TF and len(buf) < _CUT_MIN <= len(buf) + take
+                        and self._need - len(buf) > take):
+                    # the read completes the PDV header but not the PDU: pass on what we have
+                    head = _CUT_MIN - len(buf)
+                    buf += view[off : off + head]
+                    if self._single_data_pdv(buf, 0, self._need - PDU_HEADER_LENGTH):
+                        off += head
+                        rest = n - off
+                        frames.append(Frame(P_DATA_HEAD, memoryview(buf)))
+                        if rest:
+                            frames.append(Frame(P_DATA_REST, view[off:]))
+                        self._through = self._need - _CUT_MIN - rest
+                        self._buf = bytearray()
+                        self._need = 0
+                        return
+                    del buf[-head:]
                 buf += view[off : off + take]
                 off += take
                 if len(buf) < self._need:
@@ -171,6 +222,11 @@ class PDUFramer:
             check(pdu_type, length)
             end = off + PDU_HEADER_LENGTH + length
             if end > n:
+                if (self.cut_through and pdu_type == PDUType.P_DATA_TF and n - off >= _CUT_MIN
+                        and self._single_data_pdv(view, off, length)):
+                    frames.append(Frame(P_DATA_HEAD, view[off:]))
+                    self._through = end - n
+                    return
                 self._need = end - off
                 break
             frames.append(Frame(pdu_type, view[off:end]))
