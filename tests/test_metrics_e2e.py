@@ -1,5 +1,6 @@
-"""Metrics and failover end to end: a pynetdicom SCU through the real proxy process (metrics on)
-to a pynetdicom TLS archive; /metrics scraped over HTTP; health probes steer new associations."""
+"""Metrics and failover end to end: pynetdicom and dcmtk storescu through the real proxy process
+(metrics on) to pynetdicom and dcmtk TLS archives; /metrics scraped over HTTP during and after the
+transfers; health probes steer new associations."""
 
 from __future__ import annotations
 
@@ -141,3 +142,74 @@ def test_failover_to_the_next_healthy_upstream_and_rj_when_all_are_down(
     assert sample(text, "dicomproxy_associations_total", upstream="pacs", outcome="released") == 1
     assert sample(text, "dicomproxy_config_last_reload_successful") == 1
     assert pytest.approx(time.time(), abs=60) == sample(text, "dicomproxy_config_last_reload_success_timestamp_seconds")
+
+
+SITE_RULES = """\
+version: 1
+default: accept
+rules:
+  - name: no-mr
+    match: {calling_ae: MR01}
+    action: reject
+"""
+
+
+def test_dcmtk_storescu_traffic_scraped_during_and_after(
+    proxy_factory: ProxyFactory, storescp_tls_factory: Any, tmp_path: Path
+) -> None:
+    """dcmtk storescu -> proxy -> dcmtk storescp +tls (which sleeps 1 s in each store, so the
+    association is certainly live while we scrape); then a rule reject and an abort on purpose."""
+    from tests.peers import associate_rq_bytes, dcmtk_env, read_pdu, require_dcmtk, run_tool
+
+    archive = storescp_tls_factory(extra_args=("--sleep-during", "1"))
+    metrics_port = free_port()
+    (tmp_path / "site.yaml").write_text(SITE_RULES)
+    proxy = proxy_factory(archive.port, extra={"metrics": {"address": f"{LOOPBACK}:{metrics_port}"},
+                                               "rules": [str(tmp_path / "site.yaml")]})
+    files = write_ct_files(tmp_path / "ct", 3)
+    dataset_bytes = sum(path.stat().st_size for path in files)
+    storescu = require_dcmtk("storescu")
+    from tests.peers import Peer
+
+    modality = Peer("storescu", [storescu, "-aet", "CT01", "-aec", "ARCHIVE", LOOPBACK, str(proxy.port),
+                                 *map(str, files)], tmp_path / "storescu.log", env=dcmtk_env()).start()
+
+    def live_and_counting() -> bool:
+        text = scrape(metrics_port)
+        return (sample(text, "dicomproxy_associations_active", listener="modalities") == 1
+                and sample(text, "dicomproxy_bytes_total", upstream="pacs", direction="to_upstream") > 0)
+
+    wait_until(live_and_counting, 20, "a live association with bytes in /metrics")
+    assert modality.wait(60) == 0, modality.log_text()[-2000:]
+
+    rejected = run_tool([storescu, "-aet", "MR01", "-aec", "ARCHIVE", LOOPBACK, str(proxy.port), str(files[0])],
+                        tmp_path / "storescu-mr.log", timeout=60, env=dcmtk_env())
+    assert rejected[0] != 0
+    import socket
+
+    with socket.create_connection((LOOPBACK, proxy.port), timeout=10) as raw:  # A-ASSOCIATE, then vanish
+        raw.sendall(associate_rq_bytes(called="ARCHIVE", calling="CT02"))
+        assert read_pdu(raw)[0] == 0x02
+
+    def all_ended() -> bool:
+        text = scrape(metrics_port)
+        return sample(text, "dicomproxy_associations_active", listener="modalities") == 0 and sample(
+            text, "dicomproxy_associations_total", upstream="pacs", outcome="aborted") == 1
+
+    wait_until(all_ended, 20, "every association ended in /metrics")
+    text = scrape(metrics_port)
+    assert sample(text, "dicomproxy_dimse_requests_total", upstream="pacs", command="C-STORE") == 3
+    assert sample(text, "dicomproxy_dimse_responses_total", upstream="pacs", command="C-STORE",
+                  status_class="success") == 3
+    assert sample(text, "dicomproxy_dimse_duration_seconds_count", upstream="pacs", command="C-STORE") == 3
+    assert sample(text, "dicomproxy_dimse_duration_seconds_sum", upstream="pacs", command="C-STORE") >= 3.0
+    assert sample(text, "dicomproxy_associations_total", upstream="pacs", outcome="released") == 1
+    assert sample(text, "dicomproxy_associations_total", upstream="none", outcome="rejected_by_rule") == 1
+    assert sample(text, "dicomproxy_rule_matches_total", rule="no-mr", action="reject", mode="enforce") == 1
+    to_upstream = sample(text, "dicomproxy_bytes_total", upstream="pacs", direction="to_upstream")
+    # the data sets, plus per object a command set and PDU/PDV headers, plus the RQ and release
+    assert dataset_bytes - 132 * len(files) < to_upstream < dataset_bytes + 2048 * len(files) + 4096
+    assert sample(text, "dicomproxy_pdus_total", type="release_rq", direction="to_upstream") == 1
+    # PDUs the proxy received: per object one command and at least one data PDU (none twice, cut through or not)
+    assert 6 <= sample(text, "dicomproxy_pdus_total", type="p_data_tf", direction="to_upstream") <= 6 + 3 * 8
+    assert sample(text, "dicomproxy_pdus_total", type="p_data_tf", direction="to_client") == 3  # the responses
