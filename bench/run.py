@@ -22,7 +22,9 @@ import shutil
 import ssl
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +41,9 @@ import procs  # noqa: E402
 import report  # noqa: E402
 from procs import HOST, Managed, RssSampler  # noqa: E402
 
-PATHS = ("direct", "stunnel", "proxy")
+PATHS = ("direct", "stunnel", "proxy", "proxy-metrics")
+"""proxy-metrics: a second proxy process with `metrics:` on (and scraped every second, as Prometheus
+would), to measure what the metrics cost (issue #6: under 3 % of throughput)."""
 PDU = 131072  # storescu -pdu and storescp -pdu (dcmtk's maximum) on every path
 PROXY_MAX_PDU = 262144  # the proxy's own cap; min(peer, cap) leaves dcmtk's 131072 in force
 STORESCU_FLAGS = ("-xs", "-R", "-pdu", str(PDU))  # JPEG lossless + uncompressed, required contexts only
@@ -80,7 +84,8 @@ def workloads(quick: bool) -> dict[str, Workload]:
     return {
         "w1": Workload("W1", "many objects, one association", "store", datasets.FileSet(f"w1_{w1[0]}", *w1)),
         "w2": Workload("W2", "few large objects, one association", "store", datasets.FileSet(f"w2_{w2[0]}", *w2)),
-        "w3": Workload("W3", "associate + C-ECHO + release", "echo", associations=w3),
+        "w3": Workload("W3", "associate + C-ECHO + release", "echo", associations=w3,
+                       paths=("direct", "stunnel", "proxy")),
         "legacy": Workload(
             "Legacy",
             "storescu with Nagle on (no TCP_NODELAY=1)",
@@ -118,7 +123,10 @@ class Bench:
         self.certs = OUT / "certs"
         self.data = OUT / "data"
         self.archive_port = procs.free_port()
-        self.ports = {"direct": self.archive_port, "stunnel": procs.free_port(), "proxy": procs.free_port()}
+        self.ports = {"direct": self.archive_port, "stunnel": procs.free_port(), "proxy": procs.free_port(),
+                      "proxy-metrics": procs.free_port()}
+        self.metrics_port = procs.free_port()
+        self.scraper: Scraper | None = None
         self.archive: Managed | None = None
         self.intermediaries: dict[str, Managed] = {}
         self.base_env = {
@@ -179,38 +187,49 @@ class Bench:
             stunnel.start(self.ports["stunnel"])
             self.intermediaries["stunnel"] = stunnel
             self.commands["stunnel"] = f"stunnel {conf.name}:\n" + conf.read_text()
-        if "proxy" in paths:
-            conf = self.work / "proxy.yaml"
-            conf.write_text(
-                "listeners:\n"
-                "  - name: modalities\n"
-                f"    address: {HOST}:{self.ports['proxy']}\n"
-                "upstreams:\n"
-                "  pacs:\n"
-                f"    address: {HOST}:{self.archive_port}\n"
-                f"    tls: {{ca: {self.c('ca.pem')}, cert: {self.c('proxy.pem')}, key: {self.c('proxy.key')}, "
-                "server_name: localhost}\n"
-                "default_upstream: pacs\n"
-                f"max_pdu_length: {PROXY_MAX_PDU}\n"
-            )
-            env = self.env(False)
-            env.update(unit_environment())  # run the proxy as the systemd unit does
-            if self.args.proxy_rev:
-                source = proxy_snapshot(self.args.proxy_rev)
-                env["PYTHONPATH"] = str(source)
-                argv = [sys.executable, "-m", "proxy", "run", "-c", str(conf)]
-                short = git("rev-parse", "--short", self.args.proxy_rev)
-                self.proxy_version = f"proxy/ as committed at {short} (`--proxy-rev {self.args.proxy_rev}`)"
-            else:
-                argv = [str(Path(sys.executable).parent / "dicom-proxy"), "run", "-c", str(conf)]
-                dirty = " + uncommitted changes in proxy/" if git("status", "--porcelain", "proxy") else ""
-                self.proxy_version = f"working tree at {git('rev-parse', '--short', 'HEAD')}{dirty}"
-            proxy = Managed("dicom-proxy", argv, self.work / "proxy.log", env, self.work)
-            proxy.start(self.ports["proxy"])
-            self.intermediaries["proxy"] = proxy
-            self.commands["proxy"] = "dicom-proxy run -c proxy.yaml (log level info):\n" + conf.read_text()
+        for name in ("proxy", "proxy-metrics"):
+            if name in paths:
+                self.start_proxy(name)
+        if "proxy-metrics" in paths:
+            self.scraper = Scraper(f"http://{HOST}:{self.metrics_port}/metrics")
+            self.scraper.start()
+
+    def start_proxy(self, name: str) -> None:
+        conf = self.work / f"{name}.yaml"
+        metrics = f"metrics: {{address: '{HOST}:{self.metrics_port}'}}\n" if name == "proxy-metrics" else ""
+        conf.write_text(
+            "listeners:\n"
+            "  - name: modalities\n"
+            f"    address: {HOST}:{self.ports[name]}\n"
+            "upstreams:\n"
+            "  pacs:\n"
+            f"    address: {HOST}:{self.archive_port}\n"
+            f"    tls: {{ca: {self.c('ca.pem')}, cert: {self.c('proxy.pem')}, key: {self.c('proxy.key')}, "
+            "server_name: localhost}\n"
+            "default_upstream: pacs\n"
+            f"max_pdu_length: {PROXY_MAX_PDU}\n" + metrics
+        )
+        env = self.env(False)
+        env.update(unit_environment())  # run the proxy as the systemd unit does
+        if self.args.proxy_rev:
+            source = proxy_snapshot(self.args.proxy_rev)
+            env["PYTHONPATH"] = str(source)
+            argv = [sys.executable, "-m", "proxy", "run", "-c", str(conf)]
+            short = git("rev-parse", "--short", self.args.proxy_rev)
+            self.proxy_version = f"proxy/ as committed at {short} (`--proxy-rev {self.args.proxy_rev}`)"
+        else:
+            argv = [str(Path(sys.executable).parent / "dicom-proxy"), "run", "-c", str(conf)]
+            dirty = " + uncommitted changes in proxy/" if git("status", "--porcelain", "proxy") else ""
+            self.proxy_version = f"working tree at {git('rev-parse', '--short', 'HEAD')}{dirty}"
+        proxy = Managed(f"dicom-{name}", argv, self.work / f"{name}.log", env, self.work)
+        proxy.start(self.ports[name])
+        self.intermediaries[name] = proxy
+        scraped = " (/metrics scraped every second)" if metrics else ""
+        self.commands[name] = f"dicom-proxy run -c {name}.yaml (log level info){scraped}:\n" + conf.read_text()
 
     def stop_all(self) -> None:
+        if self.scraper is not None:
+            self.scraper.stop()
         for proc in [*self.intermediaries.values(), self.archive]:
             if proc is not None:
                 try:
@@ -420,6 +439,29 @@ class Bench:
             print(f"  py-spy {fmt}: {out}", flush=True)
         print(f"{wl.label} on the proxy path:")
         print(summarise_profile(OUT / f"profile-{name}.txt"))
+
+
+class Scraper(threading.Thread):
+    """GET /metrics once a second, as a Prometheus server would, for the proxy-metrics path."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.stopped = threading.Event()
+        self.scrapes = 0
+
+    def run(self) -> None:
+        while not self.stopped.wait(1.0):
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    response.read()
+                self.scrapes += 1
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(5)
 
 
 def unit_environment() -> dict[str, str]:
