@@ -30,6 +30,8 @@ READ_CHUNK = 256 * 1024
 """Decrypted bytes gathered per readiness event before data_received (one TLS record is 16 KiB)."""
 SHUTDOWN_GRACE = 2.0
 """After our close_notify, how long we wait for the peer's before closing the socket."""
+FLUSH_DEADLINE = 10.0
+"""After close(), how long pending writes may wait for a peer that stopped reading."""
 
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
@@ -104,6 +106,7 @@ class TLSSocketTransport(asyncio.Transport):
         self._closing = False  # close() called: flush, close_notify, then close
         self._shutdown_sent = False
         self._lost = False
+        self._timer: asyncio.TimerHandle | None = None
         self._extra: dict[str, Any] = {
             "socket": tls,
             "peername": _peername(tls),
@@ -134,6 +137,8 @@ class TLSSocketTransport(asyncio.Transport):
         self._closing = True
         if not self._pending:
             self._shutdown()
+        else:
+            self._timer = self._loop.call_later(FLUSH_DEADLINE, self._finish, None)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         assert isinstance(protocol, asyncio.Protocol)
@@ -318,7 +323,9 @@ class TLSSocketTransport(asyncio.Transport):
         self._remove_writer()
         self._reading_paused = False
         self._add_reader()
-        self._loop.call_later(SHUTDOWN_GRACE, self._finish, None)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(SHUTDOWN_GRACE, self._finish, None)
 
     def abort(self) -> None:
         self._finish(None)
@@ -332,6 +339,9 @@ class TLSSocketTransport(asyncio.Transport):
         if self._lost:
             return
         self._lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._closing = True
         self._remove_reader()
         self._remove_writer()

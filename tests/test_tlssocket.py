@@ -205,3 +205,20 @@ async def test_a_failed_handshake_leaves_no_socket_open(dev_certs: Pki, other_ca
     assert sock.fileno() == -1  # wrap_socket took the descriptor; open_tls closed it
     listener.close()
     await asyncio.to_thread(thread.join, 10)
+
+
+async def test_close_gives_up_on_a_peer_that_never_reads(dev_certs: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pending writes wait at most FLUSH_DEADLINE after close(): an association can always end."""
+    monkeypatch.setattr(tlssocket, "FLUSH_DEADLINE", 0.3)
+    release = threading.Event()
+    with tls_peer(dev_certs, lambda _conn: release.wait(20)) as (port, thread):
+        protocol = Recorder()
+        transport = await connect(dev_certs, port, protocol)
+        for _ in range(64):
+            transport.write(bytes(1 << 20))  # far more than the socket buffers hold
+        assert transport.get_write_buffer_size() > 0
+        transport.close()
+        await asyncio.wait_for(protocol.lost.wait(), 10)
+        release.set()
+        await asyncio.to_thread(thread.join, 10)
+    assert protocol.events.count("lost") == 1
