@@ -472,15 +472,20 @@ def algorithm_for_key(key: PrivateKey | PublicKey) -> JwtAlgorithm:
     raise SafeValueError(f"a {type(key).__name__} cannot sign JWTs (use RSA, EC P-256 or Ed25519)")
 
 
-def load_private_key(data: bytes) -> PrivateKey:
-    """A PEM private key usable for JWS (unencrypted), or SafeValueError."""
+def parse_pem_private_key(data: bytes) -> object:
+    """An unencrypted PEM private key of any type, or SafeValueError saying why not."""
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        return serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise SafeValueError("the key is encrypted; store it unencrypted and protect it with file "
                               "permissions") from None
     except (ValueError, UnsupportedAlgorithm):
         raise SafeValueError("not a PEM private key") from None
+
+
+def load_private_key(data: bytes) -> PrivateKey:
+    """A PEM private key usable for JWS (unencrypted), or SafeValueError."""
+    key = parse_pem_private_key(data)
     if not isinstance(key, PrivateKey):
         raise SafeValueError(f"a {type(key).__name__} cannot sign JWTs (use RSA, EC P-256 or Ed25519)")
     algorithm_for_key(key)

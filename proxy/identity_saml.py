@@ -26,11 +26,9 @@ from datetime import UTC, datetime, timedelta
 from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from proxy.identity import REJECT_UNAVAILABLE, IdentityError, SafeValueError, SamlMint
+from proxy.identity import REJECT_UNAVAILABLE, IdentityError, SafeValueError, SamlMint, parse_pem_private_key
 
 if TYPE_CHECKING:
     from proxy.identity import BuildContext
@@ -97,13 +95,7 @@ SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 def load_signing_key(data: bytes) -> SigningKey:
     """The PEM signing key, parsed once per file version by the FileCache (parsing an RSA key
     checks it, which costs tens of milliseconds: too much for every association)."""
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise SafeValueError("the key is encrypted; store it unencrypted and protect it with file "
-                             "permissions") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise SafeValueError("not a PEM private key") from None
+    key = parse_pem_private_key(data)
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
         raise SafeValueError("the SAML signing key must be RSA or EC")
     return key
