@@ -179,7 +179,18 @@ class Leg(asyncio.Protocol):
 
 async def _connect_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
     """TCP connect alone (so the TLS handshake can be timed apart); every address in turn."""
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    infos: list[tuple[Any, Any, int, str, tuple[Any, ...]]]
+    try:  # an address literal needs no resolver (getaddrinfo runs in a worker thread)
+        literal = ipaddress.ip_address(host)
+        if "%" in host:  # a scoped IPv6 address: let the resolver turn the zone into an index
+            raise ValueError(host)
+    except ValueError:
+        infos = list(await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP))
+    else:
+        if literal.version == 6:
+            infos = [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
+        else:
+            infos = [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
     error: OSError | None = None
     for family, kind, proto, _name, address in infos:
         sock = socket.socket(family, kind, proto)

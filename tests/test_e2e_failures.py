@@ -191,3 +191,15 @@ def test_an_idle_association_is_aborted_on_both_sides_and_a_busy_one_is_not(
     assert 0.9 <= waited < 3.0, f"aborted after {waited:.2f} s with idle: 1"
     proxy.wait_for_log(r"idle for \d+ s; aborting both sides", since=mark)
     wait_until(lambda: pynetdicom_tls_scp.aborts == 1, 10, "the archive to see the A-ABORT")
+
+
+def test_an_upstream_named_by_host_name_is_resolved_and_each_address_tried(
+    pynetdicom_tls_scp: PynetdicomArchive, proxy_factory: ProxyFactory, dev_certs: Pki
+) -> None:
+    """`address: localhost:PORT` goes through the resolver (an address literal does not); where
+    localhost also resolves to ::1, that address is refused and the next one is used."""
+    upstream = {"address": f"localhost:{pynetdicom_tls_scp.port}",
+                "tls": {"ca": str(dev_certs.ca), "cert": str(dev_certs.proxy_cert), "key": str(dev_certs.proxy_key)}}
+    proxy = proxy_factory(pynetdicom_tls_scp.port, extra={"upstreams": {"pacs": upstream}})
+    assert _echo(proxy.port) == 0x0000
+    assert pynetdicom_tls_scp.echo_count == 1
