@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -336,6 +337,10 @@ async def run(path: Path) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    # What exists now (modules, configuration, rules, metric families) lives as long as the process:
+    # keep it out of the collector's full passes, which otherwise rescan it while studies stream.
+    gc.collect()
+    gc.freeze()
     sdnotify.ready(f"relaying on {len(server.bound)} listener(s)")
     await stop.wait()
     sdnotify.stopping("draining live associations")
