@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy import config as config_mod
-from proxy import identity, identity_kerberos, proxyproto, sdnotify, tls
+from proxy import identity, identity_kerberos, proxyproto, sdnotify, tls, tlssocket
 from proxy.config import Listener, ProxyConfig
 from proxy.dul.machine import Side
 from proxy.errors import ConfigErrors, ProxyError
@@ -229,7 +229,9 @@ class RelayServer:
             return Leg(assoc, Side.REQUESTOR)
 
         try:
-            await loop.connect_accepted_socket(factory, conn, ssl=ctx, ssl_handshake_timeout=timeout)
+            async with asyncio.timeout(timeout):
+                tls_conn = await tlssocket.open_tls(loop, conn, ctx, None, server_side=True)
+            tlssocket.TLSSocketTransport(loop, tls_conn, factory())
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             profile = listener.tls.profile if listener.tls else None
             label, words = tls.describe_listener_tls_error(exc, profile)

@@ -1,4 +1,5 @@
-"""The upstream TLS leg on a non-blocking ssl.SSLSocket, as an asyncio Transport.
+"""TLS legs on a non-blocking ssl.SSLSocket, as an asyncio Transport: the connection to a TLS
+archive, and connections accepted on a TLS listener.
 
 asyncio's own TLS transport runs OpenSSL on memory BIOs: each relayed byte is encrypted into one
 buffer, copied out as a new bytes object, then copied again into the kernel, with a Python state
@@ -56,11 +57,17 @@ async def open_tls(
     context: ssl.SSLContext,
     server_hostname: str | None,
     session: ssl.SSLSession | None = None,
+    *,
+    server_side: bool = False,
 ) -> ssl.SSLSocket:
-    """The TLS handshake on a connected non-blocking socket (the caller bounds it with a timeout).
+    """The TLS handshake on a connected non-blocking socket (the caller bounds it with a timeout),
+    as the client of an archive or, with `server_side`, as the server of a TLS listener.
     ssl.SSLError (certificate, version, cipher) or OSError as the handshake fails."""
-    tls = context.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False,
-                              session=session)
+    if server_side:
+        tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    else:
+        tls = context.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False,
+                                  session=session)
     try:
         while True:
             try:
