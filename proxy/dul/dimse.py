@@ -57,13 +57,12 @@ class CommandField(IntEnum):
     N_DELETE_RSP = 0x8150
 
 
+_COMMAND_NAMES = {int(f): f.name.rsplit("_", 1)[0].replace("_", "-") for f in CommandField}
+
+
 def command_name(value: int) -> str:
     """'C-STORE' for C-STORE-RQ and -RSP; a bounded label, safe for metrics."""
-    try:
-        name = CommandField(value).name
-    except ValueError:
-        return "unknown"
-    return name.rsplit("_", 1)[0].replace("_", "-")
+    return _COMMAND_NAMES.get(value, "unknown")
 
 
 class Tag(IntEnum):

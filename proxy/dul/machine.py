@@ -18,6 +18,10 @@ class Side(Enum):
     REQUESTOR = "requestor"  # the peer that sent the A-ASSOCIATE-RQ (the modality)
     ACCEPTOR = "acceptor"  # the upstream archive
 
+    # Members are singletons compared by identity, so identity hashing is exact; Enum's own
+    # __hash__ is Python code, and the relay looks sides up on every read.
+    __hash__ = object.__hash__
+
 
 class State(Enum):
     STA2_AWAITING_RQ = "Sta2"  # transport open, ARTIM running, no A-ASSOCIATE-RQ yet
@@ -29,6 +33,8 @@ class State(Enum):
     STA10_COLLISION_AWAITING_REQUESTOR_RP = "Sta10"  # collision; the acceptor's RP has been relayed
     STA11_COLLISION_AWAITING_ACCEPTOR_RP = "Sta11"  # collision; the requestor's RP has been relayed
     STA13_CLOSING = "Sta13"  # RJ, last RP or A-ABORT relayed; waiting for the transports to close
+
+    __hash__ = object.__hash__  # as Side: the state table is looked up for every PDU
 
 
 class Action(Enum):
