@@ -41,9 +41,10 @@ import procs  # noqa: E402
 import report  # noqa: E402
 from procs import HOST, Managed, RssSampler  # noqa: E402
 
-PATHS = ("direct", "stunnel", "proxy", "proxy-metrics")
+PATHS = ("direct", "stunnel", "proxy", "proxy-metrics", "proxy-tls")
 """proxy-metrics: a second proxy process with `metrics:` on (and scraped every second, as Prometheus
-would), to measure what the metrics cost (issue #6: under 3 % of throughput)."""
+would), to measure what the metrics cost (issue #6: under 3 % of throughput). proxy-tls: a third
+with a mutual-TLS listener, storescu +tls -> proxy -> storescp +tls (compare with direct)."""
 PDU = 131072  # storescu -pdu and storescp -pdu (dcmtk's maximum) on every path
 PROXY_MAX_PDU = 262144  # the proxy's own cap; min(peer, cap) leaves dcmtk's 131072 in force
 STORESCU_FLAGS = ("-xs", "-R", "-pdu", str(PDU))  # JPEG lossless + uncompressed, required contexts only
@@ -124,7 +125,7 @@ class Bench:
         self.data = OUT / "data"
         self.archive_port = procs.free_port()
         self.ports = {"direct": self.archive_port, "stunnel": procs.free_port(), "proxy": procs.free_port(),
-                      "proxy-metrics": procs.free_port()}
+                      "proxy-metrics": procs.free_port(), "proxy-tls": procs.free_port()}
         self.metrics_port = procs.free_port()
         self.scraper: Scraper | None = None
         self.archive: Managed | None = None
@@ -187,7 +188,7 @@ class Bench:
             stunnel.start(self.ports["stunnel"])
             self.intermediaries["stunnel"] = stunnel
             self.commands["stunnel"] = f"stunnel {conf.name}:\n" + conf.read_text()
-        for name in ("proxy", "proxy-metrics"):
+        for name in ("proxy", "proxy-metrics", "proxy-tls"):
             if name in paths:
                 self.start_proxy(name)
         if "proxy-metrics" in paths:
@@ -197,10 +198,12 @@ class Bench:
     def start_proxy(self, name: str) -> None:
         conf = self.work / f"{name}.yaml"
         metrics = f"metrics: {{address: '{HOST}:{self.metrics_port}'}}\n" if name == "proxy-metrics" else ""
+        listener_tls = (f"    tls: {{cert: {self.c('proxy.pem')}, key: {self.c('proxy.key')}, "
+                        f"client_ca: {self.c('ca.pem')}, require_client_cert: true}}\n") if name == "proxy-tls" else ""
         conf.write_text(
             "listeners:\n"
             "  - name: modalities\n"
-            f"    address: {HOST}:{self.ports[name]}\n"
+            f"    address: {HOST}:{self.ports[name]}\n" + listener_tls +
             "upstreams:\n"
             "  pacs:\n"
             f"    address: {HOST}:{self.archive_port}\n"
@@ -241,7 +244,7 @@ class Bench:
     # ---- one run ----------------------------------------------------------------------------
     def storescu_argv(self, path: str, directory: Path) -> list[str]:
         tls: list[str] = []
-        if path == "direct":
+        if path in ("direct", "proxy-tls"):
             tls = ["+tls", self.c("modality.key"), self.c("modality.pem"), "+cf", self.c("ca.pem")]
         return ["storescu", *tls, *STORESCU_FLAGS, "+sd", HOST, str(self.ports[path]), str(directory)]
 
