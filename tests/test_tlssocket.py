@@ -28,6 +28,7 @@ class Recorder(asyncio.Protocol):
     events: list[str] = field(default_factory=list)
     received: bytearray = field(default_factory=bytearray)
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    writable: asyncio.Event = field(default_factory=asyncio.Event)
     on_data: Callable[[Recorder, bytes], None] | None = None
     transport: asyncio.Transport | None = None
 
@@ -35,6 +36,7 @@ class Recorder(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.events.append("made")
+        self.writable.set()
 
     def data_received(self, data: bytes) -> None:
         self.received += data
@@ -47,9 +49,11 @@ class Recorder(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.events.append("pause_writing")
+        self.writable.clear()
 
     def resume_writing(self) -> None:
         self.events.append("resume_writing")
+        self.writable.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.events.append("lost")
@@ -111,8 +115,7 @@ async def test_a_large_write_to_a_slow_peer_arrives_whole_and_in_order(dev_certs
             chunk = bytearray(view[offset : offset + 128 * 1024])
             transport.write(chunk)
             chunk[:] = b"\0" * len(chunk)  # the transport must not keep a reference to what it was given
-            while transport.get_write_buffer_size() > 256 * 1024:
-                await asyncio.sleep(0.001)  # the peer drains; the loop flushes on writability
+            await asyncio.wait_for(protocol.writable.wait(), 20)  # flow control, as the relay obeys it
         transport.close()
         await asyncio.wait_for(protocol.lost.wait(), 20)
         await asyncio.to_thread(thread.join, 20)
