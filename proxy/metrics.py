@@ -60,7 +60,7 @@ from proxy import __version__
 from proxy import tls as tls_mod
 from proxy.config import RESERVED_DEVICE, Address, MetricsConfig, ProxyConfig, read_passphrase
 from proxy.dul.constants import PDUType, UserIdentityType
-from proxy.dul.dimse import CommandField, CommandSet, MessageStream, command_name, status_class
+from proxy.dul.dimse import CommandFacts, CommandField, MessageStream, command_name, status_class
 from proxy.dul.framer import ForeignProtocolError
 from proxy.dul.machine import Side
 from proxy.errors import ProxyError, RemotePDUError
@@ -257,7 +257,7 @@ class DimseTracker:
     def outstanding(self) -> int:
         return len(self._pending)
 
-    def feed(self, from_requestor: bool, commands: Iterable[tuple[int, CommandSet]], now: float) -> list[DimseEvent]:
+    def feed(self, from_requestor: bool, commands: Iterable[tuple[int, CommandFacts]], now: float) -> list[DimseEvent]:
         """Commands completed in one direction (MessageStream.observe's result) -> events."""
         events: list[DimseEvent] = []
         for _context_id, command in commands:
@@ -412,7 +412,7 @@ class AssociationRecorder:
         if stream is not None and last:
             stream.in_data_set = False
 
-    def commands(self, side: Side, completed: Sequence[tuple[int, CommandSet]]) -> None:
+    def commands(self, side: Side, completed: Sequence[tuple[int, CommandFacts]]) -> None:
         """Command sets completed in one direction (if the relay reassembles them itself)."""
         tracker = self._tracker
         if tracker is None or not completed:
@@ -517,7 +517,7 @@ class NullRecorder(AssociationRecorder):
     def data_fragment(self, side: Side, last: bool) -> None:
         pass
 
-    def commands(self, side: Side, completed: Sequence[tuple[int, CommandSet]]) -> None:
+    def commands(self, side: Side, completed: Sequence[tuple[int, CommandFacts]]) -> None:
         pass
 
     def rule_decision(self, decision: Decision | DimseDecision) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.dul.dimse import (
     CommandField,
@@ -18,6 +20,7 @@ from proxy.dul.dimse import (
     parse_command_set,
     response_for,
     status_class,
+    summarize_command_set,
     uid_value,
     us_value,
 )
@@ -199,3 +202,24 @@ def test_gate_rejects_interleaved_messages() -> None:
     with pytest.raises(RemotePDUError) as err:
         gate.feed(pdata((1, 0x03, store_rq(2))))
     assert (err.value.source, err.value.reason) == (2, 5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0x0000, 0x0002, 0x0100, 0x0110, 0x0120, 0x0700, 0x0800, 0x0900, 0x1000]),
+                          st.binary(max_size=6)), max_size=10),
+       st.binary(max_size=12))
+def test_the_summary_reads_what_the_full_parse_reads(elements: list[tuple[int, bytes]], junk: bytes) -> None:
+    """summarize_command_set (metrics, probes) and parse_command_set (rules) agree on every value
+    they share, and refuse the same broken sets."""
+    raw = b"".join(struct.pack("<HHI", 0, tag, len(value)) + value for tag, value in elements)
+    for data in (raw, raw + junk):
+        try:
+            full = parse_command_set(data)
+        except RemotePDUError as exc:
+            with pytest.raises(RemotePDUError) as caught:
+                summarize_command_set(data)
+            assert str(caught.value) == str(exc)
+            continue
+        summary = summarize_command_set(data)
+        assert summary == (full.command_field, full.message_id, full.message_id_being_responded_to, full.status,
+                           full.has_data_set)

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from proxy import config
 from proxy.config import ProxyConfig, Upstream
 from proxy.dul.constants import APPLICATION_CONTEXT_NAME, IMPLICIT_VR_LITTLE_ENDIAN
-from proxy.dul.dimse import MessageStream, response_for
+from proxy.dul.dimse import MessageStream, parse_command_set, response_for
 from proxy.dul.items import (
     ApplicationContextItem,
     MaximumLengthSubItem,
@@ -27,7 +27,7 @@ from proxy.dul.items import (
     TransferSyntaxSubItem,
     UserInformationItem,
 )
-from proxy.dul.pdus import AAbort, AAssociateAC, AAssociateRJ, AAssociateRQ, AReleaseRP, PDataTF, parse_pdu
+from proxy.dul.pdus import AAbort, AAssociateAC, AAssociateRJ, AAssociateRQ, AReleaseRP, PDataTF, iter_pdvs, parse_pdu
 from proxy.metrics import ProxyMetrics
 from proxy.upstream import (
     PROBE_FAILURE_REASONS,
@@ -357,10 +357,9 @@ def ac_for(rq_bytes: bytes, result_code: int = 0) -> bytes:
 
 async def echo_answer(reader: asyncio.StreamReader, status: int) -> bytes:
     pdu = await read_pdu(reader)
-    stream = MessageStream()
-    done = stream.observe(memoryview(pdu)[6:])
-    assert len(done) == 1
-    return PDataTF.from_pdvs([(1, 0x03, response_for(done[0][1], status))]).encode()
+    assert len(MessageStream().observe(memoryview(pdu)[6:])) == 1  # one whole command
+    (pdv,) = iter_pdvs(memoryview(pdu)[6:])
+    return PDataTF.from_pdvs([(1, 0x03, response_for(parse_command_set(pdv.fragment), status))]).encode()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import NamedTuple, Protocol
 
 from proxy.dul.pdus import iter_pdvs
 from proxy.errors import RemotePDUError
@@ -96,6 +97,22 @@ def status_class(status: int) -> str:
     return "failure"
 
 
+# plain ints: looking an IntEnum member up costs more than the dict access it keys
+_AFFECTED_SOP_CLASS_UID = int(Tag.AFFECTED_SOP_CLASS_UID)
+_AFFECTED_SOP_INSTANCE_UID = int(Tag.AFFECTED_SOP_INSTANCE_UID)
+_COMMAND_DATA_SET_TYPE = int(Tag.COMMAND_DATA_SET_TYPE)
+_COMMAND_FIELD = int(Tag.COMMAND_FIELD)
+_MESSAGE_ID = int(Tag.MESSAGE_ID)
+_MESSAGE_ID_BEING_RESPONDED_TO = int(Tag.MESSAGE_ID_BEING_RESPONDED_TO)
+_MOVE_DESTINATION = int(Tag.MOVE_DESTINATION)
+_PRIORITY = int(Tag.PRIORITY)
+_REQUESTED_SOP_CLASS_UID = int(Tag.REQUESTED_SOP_CLASS_UID)
+_STATUS = int(Tag.STATUS)
+_SUMMARY_TAGS = frozenset(
+    (_COMMAND_FIELD, _MESSAGE_ID, _MESSAGE_ID_BEING_RESPONDED_TO, _STATUS, _COMMAND_DATA_SET_TYPE)
+)
+
+
 @dataclass(frozen=True)
 class CommandSet:
     """A parsed command set: element number (group 0000) -> raw value bytes."""
@@ -114,7 +131,7 @@ class CommandSet:
 
     @property
     def command_field(self) -> int | None:
-        return self._us(Tag.COMMAND_FIELD)
+        return self._us(_COMMAND_FIELD)
 
     @property
     def is_response(self) -> bool:
@@ -123,19 +140,19 @@ class CommandSet:
 
     @property
     def message_id(self) -> int | None:
-        return self._us(Tag.MESSAGE_ID)
+        return self._us(_MESSAGE_ID)
 
     @property
     def message_id_being_responded_to(self) -> int | None:
-        return self._us(Tag.MESSAGE_ID_BEING_RESPONDED_TO)
+        return self._us(_MESSAGE_ID_BEING_RESPONDED_TO)
 
     @property
     def affected_sop_class_uid(self) -> str | None:
-        return self._text(Tag.AFFECTED_SOP_CLASS_UID)
+        return self._text(_AFFECTED_SOP_CLASS_UID)
 
     @property
     def requested_sop_class_uid(self) -> str | None:
-        return self._text(Tag.REQUESTED_SOP_CLASS_UID)
+        return self._text(_REQUESTED_SOP_CLASS_UID)
 
     @property
     def sop_class_uid(self) -> str | None:
@@ -143,43 +160,101 @@ class CommandSet:
 
     @property
     def affected_sop_instance_uid(self) -> str | None:
-        return self._text(Tag.AFFECTED_SOP_INSTANCE_UID)
+        return self._text(_AFFECTED_SOP_INSTANCE_UID)
 
     @property
     def move_destination(self) -> str | None:
-        return self._text(Tag.MOVE_DESTINATION)
+        return self._text(_MOVE_DESTINATION)
 
     @property
     def priority(self) -> int | None:
-        return self._us(Tag.PRIORITY)
+        return self._us(_PRIORITY)
 
     @property
     def status(self) -> int | None:
-        return self._us(Tag.STATUS)
+        return self._us(_STATUS)
 
     @property
     def has_data_set(self) -> bool:
-        value = self._us(Tag.COMMAND_DATA_SET_TYPE)
+        value = self._us(_COMMAND_DATA_SET_TYPE)
         return value is not None and value != NO_DATA_SET
 
 
 def parse_command_set(data: bytes | bytearray | memoryview) -> CommandSet:
     """RemotePDUError (2/6) for a command set whose elements do not add up."""
-    view = memoryview(data)
+    raw = bytes(data)  # one copy; slices of bytes are cheaper than bytes(memoryview slices)
+    n = len(raw)
+    unpack = _ELEMENT.unpack_from
     elements: dict[int, bytes] = {}
     offset = 0
-    while offset < len(view):
-        if offset + 8 > len(view):
+    while offset < n:
+        if offset + 8 > n:
             raise RemotePDUError("command set element header truncated", source=2, reason=6)
-        group, element, length = _ELEMENT.unpack_from(view, offset)
-        end = offset + 8 + length
+        group, element, length = unpack(raw, offset)
+        start = offset + 8
+        offset = start + length
         if group != 0x0000:
             raise RemotePDUError(f"command set holds element ({group:04X},{element:04X})", source=2, reason=6)
-        if end > len(view):
+        if offset > n:
             raise RemotePDUError(f"command element (0000,{element:04X}) overflows the set", source=2, reason=6)
-        elements[element] = bytes(view[offset + 8 : end])
-        offset = end
+        elements[element] = raw[start:offset]
     return CommandSet(elements)
+
+
+class CommandFacts(Protocol):
+    """What DIMSE metrics and health probes read of a command: a CommandSet or a CommandSummary."""
+
+    @property
+    def command_field(self) -> int | None: ...
+
+    @property
+    def message_id(self) -> int | None: ...
+
+    @property
+    def message_id_being_responded_to(self) -> int | None: ...
+
+    @property
+    def status(self) -> int | None: ...
+
+    @property
+    def has_data_set(self) -> bool: ...
+
+
+class CommandSummary(NamedTuple):
+    """The fields MessageStream's readers need, decoded in one pass: no dict, no copies of UIDs
+    (metrics look at every command of every association)."""
+
+    command_field: int | None
+    message_id: int | None
+    message_id_being_responded_to: int | None
+    status: int | None
+    has_data_set: bool
+
+
+def summarize_command_set(data: bytes | bytearray | memoryview) -> CommandSummary:
+    """Like parse_command_set (the same RemotePDUError checks), keeping five US values only."""
+    raw = bytes(data)
+    n = len(raw)
+    unpack = _ELEMENT.unpack_from
+    u16 = _U16.unpack_from
+    values: dict[int, int | None] = {}
+    offset = 0
+    while offset < n:
+        if offset + 8 > n:
+            raise RemotePDUError("command set element header truncated", source=2, reason=6)
+        group, element, length = unpack(raw, offset)
+        start = offset + 8
+        offset = start + length
+        if group != 0x0000:
+            raise RemotePDUError(f"command set holds element ({group:04X},{element:04X})", source=2, reason=6)
+        if offset > n:
+            raise RemotePDUError(f"command element (0000,{element:04X}) overflows the set", source=2, reason=6)
+        if element in _SUMMARY_TAGS:  # the last one wins, and only a 2-byte value counts, as in CommandSet
+            values[element] = u16(raw, start)[0] if length == 2 else None
+    data_set_type = values.get(_COMMAND_DATA_SET_TYPE)
+    return CommandSummary(values.get(_COMMAND_FIELD), values.get(_MESSAGE_ID),
+                          values.get(_MESSAGE_ID_BEING_RESPONDED_TO), values.get(_STATUS),
+                          data_set_type is not None and data_set_type != NO_DATA_SET)
 
 
 def _pad(value: bytes, pad: bytes) -> bytes:
@@ -250,8 +325,8 @@ class MessageStream:
     in_data_set: bool = False
     data_bytes: int = 0
 
-    def observe(self, body: memoryview) -> list[tuple[int, CommandSet]]:
-        done: list[tuple[int, CommandSet]] = []
+    def observe(self, body: memoryview) -> list[tuple[int, CommandSummary]]:
+        done: list[tuple[int, CommandSummary]] = []
         for pdv in iter_pdvs(body):
             if pdv.control & 0x01:
                 if self.in_data_set:
@@ -263,7 +338,7 @@ class MessageStream:
                     raise RemotePDUError("command set larger than 64 KiB", source=2, reason=6)
                 self._command += pdv.fragment
                 if pdv.control & 0x02:
-                    command = parse_command_set(self._command)
+                    command = summarize_command_set(self._command)
                     done.append((pdv.context_id, command))
                     self._command = bytearray()
                     self._context_id = None

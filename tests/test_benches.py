@@ -1,4 +1,4 @@
-"""The identity benchmark still runs against the current code (not timed: figures are for bench/)."""
+"""The identity and metrics benchmarks still run against the current code (not timed: figures are for bench/)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,12 @@ def test_the_identity_benchmark_measures_every_profile() -> None:
     for name, figures in rows.items():
         p50, p99, worst = (float(v) for v in figures[:3])
         assert 0 < p50 <= p99 <= worst, name  # numbers, in order: a profile that failed would have raised
+
+
+def test_the_metrics_benchmark_runs() -> None:
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "bench_metrics.py"), "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["W1", "W2"]
+    assert all(float(row[4]) > 0 for row in rows)  # a cost per object was measured for both
