@@ -18,6 +18,10 @@ class RemotePDUError(ProxyError):
         self.reason = reason
 
 
+class SafeValueError(ValueError):
+    """A ValueError whose message is known to hold no secret (so it may be shown to the admin)."""
+
+
 class LocalPDUError(ProxyError):
     """We were asked to build something PS3.8 forbids (a bug or a config that cannot fit)."""
 

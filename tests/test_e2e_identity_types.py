@@ -593,7 +593,7 @@ def test_refused_client_identities_get_the_rj_and_never_reach_the_archive(
 
 # scrypt cost for the slow user: N=2**16, r=8 (64 MiB) and p=8 sequential rounds, about 1.7 s on the
 # 2-core dev machine, the same again for the test to compute the hash line. Within the limits of
-# proxy.identity._check_scrypt_parameters (N <= 2**20, r <= 32, p <= 16).
+# proxy.passcodes._check_scrypt_parameters (N <= 2**20, r <= 32, p <= 16).
 SLOW_SCRYPT = {"n": 2**16, "r": 8, "p": 8}
 A_RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 
