@@ -266,3 +266,24 @@ def test_cmove_sub_operations_from_a_tls_archive_reach_a_plaintext_workstation(
     assert set(received) == {dcmread(p).SOPInstanceUID for p in files}
     inbound.wait_for_log(r"association established via pacs")
     assert "listener modalities, TLS" in inbound.log_text()
+
+
+def test_tls_in_and_out_carries_a_large_object_and_many_small_ones_byte_for_byte(
+    tmp_path: Path, dev_certs: Pki, storescp_tls: Storescp, proxy_factory: ProxyFactory
+) -> None:
+    """storescu +tls -> mutual-TLS listener -> storescp +tls: both legs on the SSLSocket transport,
+    bulk PDUs cut through, backpressure both ways; what arrives is what was sent."""
+    from tests.data import write_big_file
+
+    big = write_big_file(tmp_path / "big.dcm", min_bytes=64 << 20)
+    files = [big.path, *write_ct_files(tmp_path / "ct", 20)]
+    proxy = proxy_factory(storescp_tls.port, listener_tls=_mutual(dev_certs))
+    argv = [
+        require_dcmtk("storescu"), "-aet", "MODALITY01", "-aec", "ARCHIVE", "-pdu", "131072",
+        "+tls", str(dev_certs.modality_key), str(dev_certs.modality_cert), "+cf", str(dev_certs.ca),
+        LOOPBACK, str(proxy.port), *map(str, files),
+    ]  # fmt: skip
+    code, out = run_tool(argv, tmp_path / "storescu-big.log", timeout=180, env=dcmtk_env())
+    assert code == 0, out[-2000:]
+    received = storescp_tls.received_files()
+    assert sorted(dataset_sha256(p) for p in received) == sorted(dataset_sha256(p) for p in files)
