@@ -11,7 +11,7 @@ Only command fragments are ever buffered; data-set fragments are counted, never 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import NamedTuple, Protocol
@@ -180,12 +180,11 @@ class CommandSet:
         return value is not None and value != NO_DATA_SET
 
 
-def parse_command_set(data: bytes | bytearray | memoryview) -> CommandSet:
-    """RemotePDUError (2/6) for a command set whose elements do not add up."""
-    raw = bytes(data)  # one copy; slices of bytes are cheaper than bytes(memoryview slices)
+def _walk_elements(raw: bytes) -> Iterator[tuple[int, int, int]]:
+    """(element number, value start, value end) of each group 0000 element, in order; RemotePDUError
+    (2/6) for a command set whose elements do not add up."""
     n = len(raw)
     unpack = _ELEMENT.unpack_from
-    elements: dict[int, bytes] = {}
     offset = 0
     while offset < n:
         if offset + 8 > n:
@@ -197,8 +196,13 @@ def parse_command_set(data: bytes | bytearray | memoryview) -> CommandSet:
             raise RemotePDUError(f"command set holds element ({group:04X},{element:04X})", source=2, reason=6)
         if offset > n:
             raise RemotePDUError(f"command element (0000,{element:04X}) overflows the set", source=2, reason=6)
-        elements[element] = raw[start:offset]
-    return CommandSet(elements)
+        yield element, start, offset
+
+
+def parse_command_set(data: bytes | bytearray | memoryview) -> CommandSet:
+    """RemotePDUError (2/6) for a command set whose elements do not add up."""
+    raw = bytes(data)  # one copy; slices of bytes are cheaper than bytes(memoryview slices)
+    return CommandSet({element: raw[start:end] for element, start, end in _walk_elements(raw)})
 
 
 class CommandFacts(Protocol):
@@ -234,23 +238,11 @@ class CommandSummary(NamedTuple):
 def summarize_command_set(data: bytes | bytearray | memoryview) -> CommandSummary:
     """Like parse_command_set (the same RemotePDUError checks), keeping five US values only."""
     raw = bytes(data)
-    n = len(raw)
-    unpack = _ELEMENT.unpack_from
     u16 = _U16.unpack_from
     values: dict[int, int | None] = {}
-    offset = 0
-    while offset < n:
-        if offset + 8 > n:
-            raise RemotePDUError("command set element header truncated", source=2, reason=6)
-        group, element, length = unpack(raw, offset)
-        start = offset + 8
-        offset = start + length
-        if group != 0x0000:
-            raise RemotePDUError(f"command set holds element ({group:04X},{element:04X})", source=2, reason=6)
-        if offset > n:
-            raise RemotePDUError(f"command element (0000,{element:04X}) overflows the set", source=2, reason=6)
+    for element, start, end in _walk_elements(raw):
         if element in _SUMMARY_TAGS:  # the last one wins, and only a 2-byte value counts, as in CommandSet
-            values[element] = u16(raw, start)[0] if length == 2 else None
+            values[element] = u16(raw, start)[0] if end - start == 2 else None
     data_set_type = values.get(_COMMAND_DATA_SET_TYPE)
     return CommandSummary(values.get(_COMMAND_FIELD), values.get(_MESSAGE_ID),
                           values.get(_MESSAGE_ID_BEING_RESPONDED_TO), values.get(_STATUS),
