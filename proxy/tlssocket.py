@@ -120,9 +120,6 @@ class TLSSocketTransport(asyncio.Transport):
             "sockname": tls.getsockname(),
             "ssl_object": tls,
             "sslcontext": tls.context,
-            "peercert": tls.getpeercert(),
-            "cipher": tls.cipher(),
-            "compression": tls.compression(),
         }
         protocol.connection_made(self)
         if not self._closing and not self._reading_paused:
@@ -131,6 +128,9 @@ class TLSSocketTransport(asyncio.Transport):
 
     # ---- asyncio.BaseTransport -----------------------------------------------------------------
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name in _ON_DEMAND and name not in self._extra and not self._lost:
+            # asyncio's names, decoded only when asked for (getpeercert() parses the certificate)
+            self._extra[name] = getattr(self._tls, _ON_DEMAND[name])()
         return self._extra.get(name, default)
 
     def is_closing(self) -> bool:
@@ -366,6 +366,7 @@ class TLSSocketTransport(asyncio.Transport):
 
 
 _DETACHED = asyncio.Protocol()
+_ON_DEMAND = {"peercert": "getpeercert", "cipher": "cipher", "compression": "compression"}
 
 
 def _peername(sock: socket.socket) -> Any:

@@ -225,3 +225,19 @@ async def test_close_gives_up_on_a_peer_that_never_reads(dev_certs: Pki, monkeyp
         release.set()
         await asyncio.to_thread(thread.join, 10)
     assert protocol.events.count("lost") == 1
+
+
+async def test_extra_info_as_asyncio_names_it(dev_certs: Pki) -> None:
+    with tls_peer(dev_certs, lambda conn: conn.recv(1)) as (port, thread):
+        protocol = Recorder()
+        transport = await connect(dev_certs, port, protocol)
+        assert transport.get_extra_info("peername") == (LOOPBACK, port)
+        assert transport.get_extra_info("cipher")[1] in ("TLSv1.2", "TLSv1.3")
+        subject = dict(pair[0] for pair in transport.get_extra_info("peercert")["subject"])
+        assert subject["commonName"]  # the archive's verified certificate, decoded on demand
+        assert isinstance(transport.get_extra_info("ssl_object"), ssl.SSLSocket)
+        assert transport.get_extra_info("nonsense", "default") == "default"
+        transport.write(b"x")
+        transport.close()
+        await asyncio.wait_for(protocol.lost.wait(), 10)
+        await asyncio.to_thread(thread.join, 10)
