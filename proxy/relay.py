@@ -691,7 +691,11 @@ class Association:
                                  outcome="rejected_by_identity")
                 return
             if not self._done and self.state is State.STA5_AWAITING_AC:
-                then(result)
+                try:
+                    then(result)
+                except Exception:  # as in data_received: a bug costs this association, never the proxy
+                    log.exception("%s: internal error after %s; aborting the association", self._who(), what)
+                    self._abort_both(AbortSource.SERVICE_PROVIDER, AbortReason.NOT_SPECIFIED, "internal_error")
 
         self._connect_task = self.loop.create_task(run(), name=f"{self.id}-identity")
         self._connect_task.add_done_callback(lambda _t: self._maybe_done())
