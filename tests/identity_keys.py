@@ -59,6 +59,13 @@ def private_pem(key: Any) -> bytes:
                                    serialization.NoEncryption()))
 
 
+def broken_pem(marker: str) -> bytes:
+    """A PEM private key made at test time whose base64 body is replaced by `marker`: it looks like
+    a key, fails to parse, and its content (the marker) must never be echoed."""
+    lines = private_pem(keys().ec).splitlines()
+    return b"\n".join([lines[0], marker.encode(), lines[-1], b""])
+
+
 def public_pem(key: Any) -> bytes:
     return bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo))

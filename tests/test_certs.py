@@ -60,10 +60,12 @@ def test_keys_are_private_unencrypted_pkcs8_rsa_2048(pki: dict[str, Path]) -> No
     for name in ("ca", *LEAVES):
         path = pki[f"{name}_key"]
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-        text = path.read_text()
-        assert text.startswith("-----BEGIN PRIVATE KEY-----")  # PKCS#8, not "RSA PRIVATE KEY"
-        key = serialization.load_pem_private_key(text.encode(), password=None)
+        data = path.read_bytes()
+        key = serialization.load_pem_private_key(data, password=None)
         assert isinstance(key, rsa.RSAPrivateKey) and key.key_size == 2048
+        pkcs8 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+        assert data == pkcs8  # PKCS#8 (not the traditional RSA format), unencrypted
         public = cert(pki[name]).public_key()
         assert isinstance(public, rsa.RSAPublicKey)
         assert public.public_numbers() == key.public_key().public_numbers()

@@ -18,7 +18,7 @@ from proxy.identity import (
     SamlProfile,
     UsernameProfile,
 )
-from tests.identity_keys import HMAC_SECRET, keys, private_pem, public_pem, self_signed, write
+from tests.identity_keys import HMAC_SECRET, broken_pem, keys, private_pem, public_pem, self_signed, write
 
 HEAD = """\
 listeners:
@@ -257,8 +257,7 @@ def test_error_format_is_path_line_col(site: Path) -> None:
 
 
 def test_key_file_content_is_never_shown(site: Path) -> None:
-    pem = "-----BEGIN PRIVATE KEY-----\nSECRETSECRETSECRET\n-----END PRIVATE KEY-----\n"
-    write(site / "secrets/not-a-key.pem", pem)
+    write(site / "secrets/not-a-key.pem", broken_pem("SECRETSECRETSECRET"))
     message = one_error(site, HEAD + "identities:\n  x: {type: jwt, key: secrets/not-a-key.pem, issuer: i, "
                                      "audience: a, subject: s}\n")
     assert "not a PEM private key" in message and "SECRETSECRET" not in message

@@ -39,6 +39,7 @@ from tests import kdc
 from tests.identity_keys import (
     HMAC_SECRET,
     NOW,
+    broken_pem,
     counter_random,
     keys,
     private_pem,
@@ -176,7 +177,7 @@ def test_no_secret_in_logs_errors_or_reprs(tmp_path: Path, transcript: Transcrip
     t.secret(garbage)
     t.expect_error(lambda: identity.build(JwtProfile(name="g", token_file=write(tmp_path / "g.jwt", garbage)),
                                           _ctx(sources)))
-    bad_key = write(tmp_path / "bad.pem", f"-----BEGIN PRIVATE KEY-----\n{KEY_MARKER}\n-----END PRIVATE KEY-----\n")
+    bad_key = write(tmp_path / "bad.pem", broken_pem(KEY_MARKER))
     t.secret(KEY_MARKER)
     t.expect_error(lambda: identity.build(JwtProfile(name="b", algorithm="ES256", key=bad_key, issuer="p",
                                                      audience=("A",), subject=template), _ctx(sources)))
