@@ -81,7 +81,7 @@ def replay(recorder: AssociationRecorder, reads: Reads, side: Side) -> None:
             if frame.pdu_type == 0x04:
                 pdata(side, frame.data)
             elif frame.pdu_type == P_DATA_HEAD:
-                fragment(side, bool(frame.data[11] & 0x02))
+                fragment(side, frame.data)
 
 
 def measure(object_size: int, objects: int, repeats: int) -> float:

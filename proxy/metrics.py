@@ -394,9 +394,7 @@ class AssociationRecorder:
         if stream is None:
             return
         if len(pdu) >= 12 and not pdu[11] & 0x01 and _U32.unpack_from(pdu, 6)[0] + 10 == len(pdu):
-            # a single data-set fragment (the bulk of a C-STORE): nothing to reassemble
-            if pdu[11] & 0x02:
-                stream.in_data_set = False
+            self.data_fragment(side, pdu)  # a single data-set fragment (the bulk of a C-STORE)
             return
         try:
             completed = stream.observe(pdu[6:])
@@ -406,10 +404,11 @@ class AssociationRecorder:
         if completed:
             self.commands(side, completed)
 
-    def data_fragment(self, side: Side, last: bool) -> None:
-        """A P-DATA-TF PDU that is one data-set fragment, passed on before all of it arrived."""
+    def data_fragment(self, side: Side, head: memoryview) -> None:
+        """A P-DATA-TF PDU that is one data-set fragment; `head` holds at least its first 12 bytes
+        (cut-through passes it on before the rest arrives): nothing to reassemble."""
         stream = self._streams[0 if side is _REQUESTOR else 1]
-        if stream is not None and last:
+        if stream is not None and head[11] & 0x02:  # the data set's last fragment
             stream.in_data_set = False
 
     def commands(self, side: Side, completed: Sequence[tuple[int, CommandFacts]]) -> None:
@@ -514,7 +513,7 @@ class NullRecorder(AssociationRecorder):
     def pdata(self, side: Side, pdu: memoryview) -> None:
         pass
 
-    def data_fragment(self, side: Side, last: bool) -> None:
+    def data_fragment(self, side: Side, head: memoryview) -> None:
         pass
 
     def commands(self, side: Side, completed: Sequence[tuple[int, CommandFacts]]) -> None:

@@ -401,7 +401,7 @@ class Association:
                         self.recorder.pdata(side, frame.data)
                 elif pdu_type == P_DATA_HEAD:  # cut-through: the framer checked its one PDV header
                     if dimse:
-                        self.recorder.data_fragment(side, bool(frame.data[11] & 0x02))
+                        self.recorder.data_fragment(side, frame.data)
                 elif pdu_type != P_DATA_REST:
                     if batch:
                         other.writelines(batch)
@@ -433,7 +433,7 @@ class Association:
                 action, next_state = advance(self.state, side, frame.pdu_type & 7)
                 if frame.pdu_type == P_DATA_HEAD:
                     if action is Action.FORWARD and self.recorder.dimse_enabled:
-                        self.recorder.data_fragment(side, bool(frame.data[11] & 0x02))
+                        self.recorder.data_fragment(side, frame.data)
                     self._act(side, action, next_state, frame)
                     continue
                 if frame.pdu_type == P_DATA:
@@ -904,7 +904,7 @@ class Association:
             return
         ctx = route.ssl_context
         sslobj = upstream.transport.get_extra_info("ssl_object")
-        if isinstance(ctx, tls.ResumingClientContext) and isinstance(sslobj, ssl.SSLObject | ssl.SSLSocket):
+        if isinstance(ctx, tls.ResumingClientContext) and isinstance(sslobj, ssl.SSLSocket):
             self.tls_resumed = bool(sslobj.session_reused)
             if self.tls_resumed and ctx.session is not None:
                 return  # the offered session still works; fetching a new one costs ~4% per association

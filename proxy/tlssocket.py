@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import socket
 import ssl
@@ -338,8 +337,7 @@ class TLSSocketTransport(asyncio.Transport):
         self._finish(None)
 
     def _fatal(self, exc: BaseException) -> None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED):
-            log.debug("TLS connection to %s reset: %s", self._extra["peername"], exc)
+        log.debug("TLS connection to %s ended: %s", self._extra.get("peername"), exc)
         self._finish(exc)
 
     def _finish(self, exc: BaseException | None) -> None:
