@@ -205,7 +205,7 @@ def cmd_passcode_hash(args: argparse.Namespace) -> int:
     """Add or replace one user's line in a `client_identity.passcodes` file (or print it)."""
     import os
 
-    from proxy import identity
+    from proxy import passcodes
 
     passcode = _read_passcode(args.stdin)
     if passcode is None:
@@ -214,8 +214,8 @@ def cmd_passcode_hash(args: argparse.Namespace) -> int:
         print("error: empty passcode", file=sys.stderr)
         return 1
     try:
-        line = identity.hash_passcode_line(args.user, passcode, os.urandom(identity.SALT_BYTES),
-                                           n=args.n, r=args.r, p=args.p)
+        line = passcodes.hash_passcode_line(args.user, passcode, os.urandom(passcodes.SALT_BYTES),
+                                            n=args.n, r=args.r, p=args.p)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -224,17 +224,16 @@ def cmd_passcode_hash(args: argparse.Namespace) -> int:
         return 0
     path = Path(args.file)
     try:
-        old = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    except (OSError, UnicodeDecodeError) as exc:
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        updated, replaced = passcodes.with_user_line(text, args.user, line)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         print(f"{path}: error: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return 1
-    kept = [row for row in old if row.strip().startswith("#") or row.rpartition(":")[0].strip() != args.user]
-    replaced = len(kept) != len(old)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write("\n".join([*kept, line]) + "\n")
+            out.write(updated)
         if path.exists():
             os.chmod(tmp, path.stat().st_mode & 0o777)
         os.replace(tmp, path)

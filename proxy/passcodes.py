@@ -121,3 +121,20 @@ def check_passcode(table: Mapping[str, PasscodeHash], username: str, passcode: b
         _DUMMY_HASH.matches(passcode)
         return False
     return entry.matches(passcode)
+
+
+def with_user_line(text: str, username: str, line: str) -> tuple[str, bool]:
+    """`text` (a passcodes file) with `line` as `username`'s entry: (new text, True if it replaced
+    one). Comments, blank lines and other users stay as they are. SafeValueError (with the line
+    number) when `text` is not a valid passcodes file, so a broken file is never rewritten."""
+    parse_passcode_file(text.encode("utf-8"))
+    kept: list[str] = []
+    replaced = False
+    for row in text.splitlines():
+        entry = row.strip()
+        if entry and not entry.startswith("#") and entry.rpartition(":")[0] == username:
+            replaced = True
+            continue
+        kept.append(row)
+    return "\n".join([*kept, line]) + "\n", replaced
+

@@ -294,9 +294,11 @@ class ResumingClientContext(ssl.SSLContext):
     """A client context that offers the last session it was given, so a new association to the same
     archive resumes TLS (one round trip and no certificate checks) instead of a full handshake.
 
-    asyncio does not expose `session=`, but it builds its SSLObject through `wrap_bio`. The relay
-    stores `session` after the first exchange on a connection: TLS 1.3 tickets arrive after the
-    handshake. OpenSSL falls back to a full handshake when the archive no longer accepts it.
+    The relay's own TLS leg (proxy.tlssocket) passes `session` to `wrap_socket`; asyncio streams
+    (the health probes) do not expose `session=`, but build their SSLObject through `wrap_bio`,
+    which offers it too. The relay stores `session` after the first exchange on a connection: TLS
+    1.3 tickets arrive after the handshake. OpenSSL falls back to a full handshake when the archive
+    no longer accepts it.
     A resumed session keeps the archive's certificate, so check_pin() works on it too.
     """
 

@@ -158,3 +158,13 @@ def test_passcode_hash_refuses_bad_input(args: tuple[str, ...], passcode: str, m
     out = _hash(*args, passcode=passcode)
     assert out.returncode == 1
     assert message in out.stderr
+
+
+def test_passcode_hash_never_rewrites_a_broken_file(tmp_path: Path) -> None:
+    path = tmp_path / "passcodes"
+    path.write_text("tech:scrypt$16384$8$1$c2FsdHNhbHQ$" + "A" * 43 + "\nthis line is not a passcode entry\n")
+    before = path.read_bytes()
+    out = _hash("--user", "ct", "--file", str(path), "-N", "1024", passcode="pw")
+    assert out.returncode == 1
+    assert "line 2: expected 'username:scrypt$N$r$p$salt$hash'" in out.stderr
+    assert path.read_bytes() == before
