@@ -183,9 +183,6 @@ async def test_each_ending_reports_connection_lost_once(dev_certs: Pki, how: str
 async def test_a_failed_handshake_leaves_no_socket_open(dev_certs: Pki, other_ca_certs: Pki) -> None:
     """The peer's certificate is from another CA: open_tls raises and closes what it wrapped."""
 
-    def serve(_conn: ssl.SSLSocket) -> None:  # never reached: the server-side handshake fails
-        pass
-
     ctx = tls_server_context(other_ca_certs.archive_cert, other_ca_certs.archive_key, other_ca_certs.ca)
     listener = socket.create_server((LOOPBACK, 0))
     port = listener.getsockname()[1]
