@@ -47,7 +47,6 @@ import hmac
 import logging
 import re
 import ssl
-import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from proxy.dul.constants import PDUType, UserIdentityType
 from proxy.dul.dimse import CommandFacts, CommandField, MessageStream, command_name, status_class
 from proxy.dul.framer import ForeignProtocolError
 from proxy.dul.machine import Side
+from proxy.dul.pdus import is_single_data_fragment
 from proxy.errors import ProxyError, RemotePDUError
 from proxy.limits import LIMIT_REASONS
 
@@ -291,7 +291,6 @@ class DimseTracker:
 
 
 _REQUESTOR = Side.REQUESTOR
-_U32 = struct.Struct(">I")
 
 
 class AssociationRecorder:
@@ -393,7 +392,7 @@ class AssociationRecorder:
         stream = self._streams[index]
         if stream is None:
             return
-        if len(pdu) >= 12 and not pdu[11] & 0x01 and _U32.unpack_from(pdu, 6)[0] + 10 == len(pdu):
+        if len(pdu) >= 12 and is_single_data_fragment(pdu, 0, len(pdu) - 6):
             self.data_fragment(side, pdu)  # a single data-set fragment (the bulk of a C-STORE)
             return
         try:

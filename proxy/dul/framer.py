@@ -19,6 +19,7 @@ from proxy.dul.constants import (
     AbortReason,
     PDUType,
 )
+from proxy.dul.pdus import is_single_data_fragment
 from proxy.errors import RemotePDUError
 
 _HEADER = struct.Struct(">BBI")
@@ -47,7 +48,6 @@ P_DATA_HEAD = 0x80 | PDUType.P_DATA_TF
 checked); the rest follows as P_DATA_REST frames. `& 7` gives the PDU type back."""
 P_DATA_REST = 0
 """Cut-through: more bytes of the P-DATA-TF PDU begun by the last P_DATA_HEAD, in order."""
-_PDV = struct.Struct(">IBB")
 _CUT_MIN = PDU_HEADER_LENGTH + 6  # PDU header + PDV length, context ID and control header
 
 
@@ -90,11 +90,6 @@ class PDUFramer:
         """A cut-through PDU has been begun and not finished: the far side is inside a PDU, so no
         other PDU may be written to it (an A-ABORT would be read as P-DATA bytes)."""
         return self._through > 0
-
-    def _single_data_pdv(self, head: bytes | bytearray | memoryview, offset: int, length: int) -> bool:
-        """The PDU at `offset` (declared `length`) holds exactly one PDV, a data-set fragment."""
-        pdv_length, _context, control = _PDV.unpack_from(head, offset + PDU_HEADER_LENGTH)
-        return pdv_length + 4 == length and pdv_length >= 2 and not control & 0x01
 
     @property
     def buffered(self) -> int:
@@ -197,7 +192,7 @@ class PDUFramer:
                     # the read completes the PDV header but not the PDU: pass on what we have
                     head = _CUT_MIN - len(buf)
                     buf += view[off : off + head]
-                    if self._single_data_pdv(buf, 0, self._need - PDU_HEADER_LENGTH):
+                    if is_single_data_fragment(buf, 0, self._need - PDU_HEADER_LENGTH):
                         off += head
                         rest = n - off
                         frames.append(Frame(P_DATA_HEAD, memoryview(buf)))
@@ -223,7 +218,7 @@ class PDUFramer:
             end = off + PDU_HEADER_LENGTH + length
             if end > n:
                 if (self.cut_through and pdu_type == PDUType.P_DATA_TF and n - off >= _CUT_MIN
-                        and self._single_data_pdv(view, off, length)):
+                        and is_single_data_fragment(view, off, length)):
                     frames.append(Frame(P_DATA_HEAD, view[off:]))
                     self._through = end - n
                     return

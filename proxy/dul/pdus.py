@@ -308,6 +308,13 @@ def iter_pdvs(body: memoryview) -> Iterator[PDV]:
         offset = end
 
 
+def is_single_data_fragment(pdu: bytes | bytearray | memoryview, offset: int, length: int) -> bool:
+    """The P-DATA-TF PDU at `offset` (declared body `length`) is one PDV, a data-set fragment:
+    nothing in it needs a look (cut-through, DIMSE metrics). Needs its first 12 bytes only."""
+    pdv_length, _context, control = _PDV_HEADER.unpack_from(pdu, offset + PDU_HEADER_LENGTH)
+    return pdv_length + 4 == length and pdv_length >= 2 and not control & 0x01
+
+
 def check_pdvs(body: memoryview) -> None:
     """Walk the PDV headers only: the relay's per-PDU check on the hot path."""
     offset = 0
